@@ -1,0 +1,1 @@
+"""Daily Brain Bits background jobs as a Dagster code location."""

@@ -1,0 +1,146 @@
+"""One typed settings object, read from an environment mapping (SPEC §12).
+
+Nothing is read at import time: callers pass ``os.environ`` (or a dict in tests) to
+:meth:`Settings.from_env`. Every problem is raised as :class:`SettingsError` naming the variable,
+before any work is done. Secrets are never included in messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from dbb_orchestration.content import ContentKeyError, ContentKeyring
+from dbb_orchestration.db.engine import DatabaseUrlError, normalize_database_url
+from dbb_orchestration.plans import DeploymentMode, parse_deployment_mode
+
+DEFAULT_RESEND_API_URL = "https://api.resend.com"
+DEFAULT_NOTION_API_URL = "https://api.notion.com"
+DEFAULT_FROM = "digest@dbb.notionist.app"
+DEFAULT_FRONTEND_URL = "http://localhost:3000"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the environment variable."""
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise SettingsError(f"{name} must be true or false, got {raw!r}")
+
+
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float, integer: bool = False
+) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError as exc:
+        kind = "an integer" if integer else "a number"
+        raise SettingsError(f"{name} must be {kind}, got {raw!r}") from exc
+    if value < minimum:
+        raise SettingsError(f"{name} must be >= {minimum}, got {raw!r}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str) -> str:
+    raw = (env.get(name) or "").strip() or default
+    if not raw.startswith(("http://", "https://")):
+        raise SettingsError(f"{name} must be an http(s) URL, got {raw!r}")
+    return raw.rstrip("/")
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    resend_api_key: str | None = None
+    resend_from: str = DEFAULT_FROM
+    resend_reply_to: str | None = None
+    resend_api_url: str = DEFAULT_RESEND_API_URL
+    notion_api_url: str = DEFAULT_NOTION_API_URL
+    frontend_url: str = DEFAULT_FRONTEND_URL
+    deployment_mode: DeploymentMode = DeploymentMode.CLOUD
+    digest_email_dry_run: bool = False
+    sequence_email_dry_run: bool = False
+    keyring: ContentKeyring = field(default_factory=ContentKeyring.empty)
+    sentry_dsn: str | None = None
+    # Operational knobs (all optional).
+    email_rate_limit_per_second: float = 2.0  # Resend's default team limit; 0 = unlimited
+    email_max_concurrency: int = 4
+    digest_batch_size: int = 1000
+    sequence_max_requests_per_tick: int = 500
+    sequence_max_attempts: int = 5
+    notion_requests_per_second: float = 3.0
+    notion_page_concurrency: int = 4
+    notion_connection_pause_seconds: float = 2.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Parse and validate every setting; raise :class:`SettingsError` naming the first bad one."""
+        raw_db = env.get("DATABASE_URL", "")
+        try:
+            normalize_database_url(raw_db)
+        except DatabaseUrlError as exc:
+            raise SettingsError(str(exc)) from None
+        try:
+            mode = parse_deployment_mode(env.get("DEPLOYMENT_MODE"))
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        try:
+            keyring = ContentKeyring.from_env(env)
+        except ContentKeyError as exc:
+            raise SettingsError(str(exc)) from None
+        return cls(
+            database_url=raw_db.strip(),
+            resend_api_key=(env.get("RESEND_API_KEY") or "").strip() or None,
+            resend_from=(env.get("RESEND_FROM") or "").strip() or DEFAULT_FROM,
+            resend_reply_to=(env.get("RESEND_REPLY_TO") or "").strip() or None,
+            resend_api_url=_url(env, "RESEND_API_URL", DEFAULT_RESEND_API_URL),
+            notion_api_url=_url(env, "NOTION_API_URL", DEFAULT_NOTION_API_URL),
+            frontend_url=_url(env, "FRONTEND_URL", DEFAULT_FRONTEND_URL),
+            deployment_mode=mode,
+            digest_email_dry_run=_bool(env, "DIGEST_EMAIL_DRY_RUN"),
+            sequence_email_dry_run=_bool(env, "SEQUENCE_EMAIL_DRY_RUN"),
+            keyring=keyring,
+            sentry_dsn=(env.get("SENTRY_DSN") or "").strip() or None,
+            email_rate_limit_per_second=_number(env, "EMAIL_RATE_LIMIT_PER_SECOND", 2.0, minimum=0),
+            email_max_concurrency=int(_number(env, "EMAIL_MAX_CONCURRENCY", 4, minimum=1, integer=True)),
+            digest_batch_size=int(_number(env, "DIGEST_BATCH_SIZE", 1000, minimum=1, integer=True)),
+            sequence_max_requests_per_tick=int(
+                _number(env, "SEQUENCE_MAX_REQUESTS_PER_TICK", 500, minimum=1, integer=True)
+            ),
+            sequence_max_attempts=int(_number(env, "SEQUENCE_MAX_ATTEMPTS", 5, minimum=1, integer=True)),
+            notion_requests_per_second=_number(env, "NOTION_REQUESTS_PER_SECOND", 3.0, minimum=0),
+            notion_page_concurrency=int(_number(env, "NOTION_PAGE_CONCURRENCY", 4, minimum=1, integer=True)),
+            notion_connection_pause_seconds=_number(env, "NOTION_CONNECTION_PAUSE_SECONDS", 2.0, minimum=0),
+        )
+
+    def require_resend(self, *, dry_run: bool) -> None:
+        """Raise unless emails can be sent: ``RESEND_API_KEY`` is required when not in dry-run."""
+        if not dry_run and not self.resend_api_key:
+            raise SettingsError(
+                "RESEND_API_KEY is not set (set it, or set DIGEST_EMAIL_DRY_RUN/SEQUENCE_EMAIL_DRY_RUN=true)"
+            )
+
+    @property
+    def billing_enabled(self) -> bool:
+        return self.deployment_mode is DeploymentMode.CLOUD
+
+    def __repr__(self) -> str:  # never print secrets
+        return (
+            f"Settings(database={normalize_database_url(self.database_url).render_as_string(hide_password=True)!r}, "
+            f"mode={self.deployment_mode.value}, digest_dry_run={self.digest_email_dry_run}, "
+            f"sequence_dry_run={self.sequence_email_dry_run}, key_versions={list(self.keyring.versions)})"
+        )

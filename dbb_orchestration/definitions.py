@@ -1,0 +1,29 @@
+"""Assembles the code location's Definitions from each workflow. Nothing else lives here."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import dagster as dg
+
+from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
+
+
+def build_resources(overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The resources every job uses; ``overrides`` win over the environment (tests, the demo)."""
+    settings = SettingsResource(overrides=dict(overrides or {}))
+    return {
+        "settings": settings,
+        "database": DatabaseResource(settings=settings),
+        "email": EmailResource(settings=settings),
+    }
+
+
+def make_definitions(overrides: Mapping[str, str] | None = None) -> dg.Definitions:
+    return dg.Definitions.merge(
+        dg.Definitions(resources=build_resources(overrides)),
+    )
+
+
+defs = make_definitions()

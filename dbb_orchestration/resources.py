@@ -1,0 +1,68 @@
+"""Dagster resources: settings, the application database, the email sender and the Notion client.
+
+Every resource reads its values through one :class:`~dbb_orchestration.config.Settings`, built from
+the process environment plus explicit ``overrides`` (tests and the demo pass overrides instead of
+patching globals). Nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import dagster as dg
+import sqlalchemy as sa
+from pydantic import Field
+
+from dbb_orchestration.config import Settings
+from dbb_orchestration.db.engine import shared_engine
+from dbb_orchestration.email.sender import DryRunSender, EmailSender, ResendSender
+from dbb_orchestration.ratelimit import RateLimiter
+
+
+class SettingsResource(dg.ConfigurableResource):
+    """The typed settings: the environment, with ``overrides`` taking precedence."""
+
+    overrides: dict[str, str] = Field(
+        default_factory=dict, description="Values that win over the environment"
+    )
+
+    def get(self) -> Settings:
+        return Settings.from_env({**os.environ, **self.overrides})
+
+
+class DatabaseResource(dg.ConfigurableResource):
+    """The application database named by ``DATABASE_URL`` (one pooled engine per process)."""
+
+    settings: SettingsResource
+
+    @property
+    def engine(self) -> sa.Engine:
+        return shared_engine(self.settings.get().database_url)
+
+    @contextmanager
+    def begin(self) -> Iterator[sa.Connection]:
+        """A connection inside a transaction, committed on success and rolled back on error."""
+        with self.engine.begin() as conn:
+            yield conn
+
+
+class EmailResource(dg.ConfigurableResource):
+    """Builds the email sender: Resend, or the dry-run sender when the job's dry-run flag is on."""
+
+    settings: SettingsResource
+
+    def sender(self, *, dry_run: bool) -> EmailSender:
+        settings = self.settings.get()
+        if dry_run:
+            return DryRunSender()
+        settings.require_resend(dry_run=False)
+        assert settings.resend_api_key is not None
+        return ResendSender(
+            api_key=settings.resend_api_key,
+            api_url=settings.resend_api_url,
+            from_address=settings.resend_from,
+            reply_to=settings.resend_reply_to,
+            rate_limiter=RateLimiter(settings.email_rate_limit_per_second),
+        )
