@@ -1,0 +1,261 @@
+"""Which notes go into a digest: the spaced-repetition selection of SPEC §5, as pure functions.
+
+Everything here is deterministic: the same candidates, batch size, ``now`` and seed always give the same
+selection. All datetimes must be timezone-aware (naive ones raise ``ValueError``); day arithmetic is done
+on exact microsecond counts, so "exactly 3 days" or "exactly 1 day" never depends on float rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Literal
+
+from dbb_orchestration.timing import iso_utc_millis, require_aware
+
+Reason = Literal["new", "overdue", "due_soon", "scheduled"]
+SkipReason = Literal["suspended", "deprioritized"]
+
+WEIGHT_MIN = 0.1
+WEIGHT_MAX = 5.0
+DEFAULT_WEIGHT = 1.0
+
+NEW_SCORE = 50
+OVERDUE_BASE = 100
+OVERDUE_POINTS_PER_DAY = 3
+OVERDUE_CAP_DAYS = 30
+DUE_SOON_WINDOW_DAYS = 3
+DUE_SOON_BASE = 70
+DUE_SOON_POINTS_PER_DAY = 5
+SCHEDULED_BASE = 20
+SCHEDULED_CAP_DAYS = 30
+
+COOLDOWN = timedelta(days=1)
+COOLDOWN_FACTOR = 0.25
+NEW_SHARE_WHEN_ALL_SEEN = 0.4  # applied as (batch * 2) // 5
+
+FNV_OFFSET_BASIS = 2166136261
+FNV_PRIME = 16777619
+
+_DAY_US = 86_400 * 1_000_000
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A non-deleted document joined with its review state (no state row: keep the defaults)."""
+
+    document_id: int
+    status: str = "new"
+    priority_weight: float | None = None
+    deprioritized_until: datetime | None = None
+    next_due_at: datetime | None = None
+    last_sent_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Selected:
+    document_id: int
+    position: int  # 1-based
+    score: float  # base × weight, × 0.25 during cooldown
+    reason: Reason  # the base-score band
+    weight: float  # the clamped priority weight
+
+
+@dataclass
+class Selection:
+    items: list[Selected]
+    skipped: list[tuple[int, str]]  # (document_id, "suspended" | "deprioritized"), in input order
+
+
+# --------------------------------------------------------------------------------------------- scoring
+
+
+def _microseconds(delta: timedelta) -> int:
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def clamp_weight(priority_weight: float | None) -> float:
+    """``None`` → 1; NaN → 0.1; otherwise clamped to [0.1, 5] (so ±inf → 5 / 0.1)."""
+    if priority_weight is None:
+        return DEFAULT_WEIGHT
+    weight = float(priority_weight)
+    if math.isnan(weight):
+        return WEIGHT_MIN
+    return min(WEIGHT_MAX, max(WEIGHT_MIN, weight))
+
+
+def base_score(next_due_at: datetime | None, now: datetime) -> tuple[int, Reason]:
+    """Base score and reason from ``next_due_at`` (SPEC §5 step 3).
+
+    * ``None`` → (50, "new");
+    * due at or before ``now`` → 100 + 3 × whole days overdue (floor, capped at 30), "overdue";
+    * due in (0, 3] days → 70 − 5 × ceil(days until due), "due_soon" (exactly 3.0 days is still due soon:
+      55; 3 days and one microsecond is "scheduled": 16);
+    * later → 20 − min(ceil(days until due), 30), "scheduled" (so between 16 and −10).
+    """
+    if next_due_at is None:
+        return NEW_SCORE, "new"
+    require_aware(next_due_at, "next_due_at")
+    until_us = _microseconds(next_due_at - now)
+    if until_us <= 0:
+        overdue_days = min((-until_us) // _DAY_US, OVERDUE_CAP_DAYS)
+        return OVERDUE_BASE + OVERDUE_POINTS_PER_DAY * overdue_days, "overdue"
+    days_ceil = -(-until_us // _DAY_US)
+    if until_us <= DUE_SOON_WINDOW_DAYS * _DAY_US:
+        return DUE_SOON_BASE - DUE_SOON_POINTS_PER_DAY * days_ceil, "due_soon"
+    return SCHEDULED_BASE - min(days_ceil, SCHEDULED_CAP_DAYS), "scheduled"
+
+
+def in_cooldown(last_sent_at: datetime | None, now: datetime) -> bool:
+    """Sent less than 1 day before ``now`` (strictly: exactly 24 h ago is no longer in cooldown).
+
+    A ``last_sent_at`` in the future (clock skew) counts as recent, so it is in cooldown too.
+    """
+    if last_sent_at is None:
+        return False
+    require_aware(last_sent_at, "last_sent_at")
+    return now - last_sent_at < COOLDOWN
+
+
+# ------------------------------------------------------------------------------------------ seeded rank
+
+
+def fnv1a_32(text: str) -> int:
+    """32-bit FNV-1a over the UTF-16 code units of ``text`` (as JavaScript's ``charCodeAt`` sees them).
+
+    Characters outside the BMP count as their surrogate pair; a lone surrogate counts as itself. For ASCII
+    this equals FNV-1a over the bytes.
+    """
+    h = FNV_OFFSET_BASIS
+    for char in text:
+        code = ord(char)
+        if code > 0xFFFF:
+            code -= 0x10000
+            h ^= 0xD800 | (code >> 10)
+            h = (h * FNV_PRIME) & 0xFFFFFFFF
+            h ^= 0xDC00 | (code & 0x3FF)
+        else:
+            h ^= code
+        h = (h * FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+def seeded_rank(seed: str, document_ids: list[int] | tuple[int, ...]) -> dict[int, int]:
+    """Rank (0-based) of each id when ordered by ``fnv1a_32(f"{seed}:{id}")``, ties by id ascending.
+
+    Duplicate ids get one entry.
+    """
+    unique = set(document_ids)
+    ordered = sorted(unique, key=lambda doc_id: (fnv1a_32(f"{seed}:{doc_id}"), doc_id))
+    return {doc_id: rank for rank, doc_id in enumerate(ordered)}
+
+
+def daily_seed(user_id: str, scheduled_for: datetime) -> str:
+    """The daily job's seed: ``"<userId>:<scheduled_for as ISO-8601 UTC with ms>Z"``.
+
+    Example: ``daily_seed("user_1", datetime(2026, 2, 8, tzinfo=UTC)) == "user_1:2026-02-08T00:00:00.000Z"``.
+    A naive ``scheduled_for`` raises ``ValueError``.
+    """
+    return f"{user_id}:{iso_utc_millis(scheduled_for)}"
+
+
+# ---------------------------------------------------------------------------------------------- select
+
+
+@dataclass(frozen=True)
+class _Scored:
+    candidate: Candidate
+    weight: float
+    score: float
+    reason: Reason
+
+
+def select_notes(
+    candidates: list[Candidate] | tuple[Candidate, ...],
+    batch_size: int,
+    now: datetime,
+    seed: str | None = None,
+) -> Selection:
+    """Pick up to ``batch_size`` notes (SPEC §5 steps 1–7).
+
+    1. ``suspended`` candidates and those with ``deprioritized_until`` later than ``now`` are reported in
+       ``skipped`` (suspended wins when both apply), in input order.
+    2–4. weight = :func:`clamp_weight`; score = :func:`base_score` × weight, × 0.25 when
+       :func:`in_cooldown`.
+    5. order: score desc, ``next_due_at`` asc (None last), weight desc, seeded rank (only with a seed),
+       document id asc.
+    6. if any eligible candidate was never sent: already-sent ones with weight > 1, then never-sent ones,
+       then the other already-sent ones; otherwise overdue + due-soon, then at most
+       floor(batch × 0.4) "new"-reason ones, then "scheduled", then the remaining "new" ones. Each group
+       keeps the step-5 order.
+    7. cut to ``batch_size``; positions 1..n.
+
+    ``batch_size`` ≤ 0 gives no items (skips are still reported). A document id seen twice is used once
+    (its first occurrence). Naive datetimes raise ``ValueError``.
+    """
+    require_aware(now, "now")
+    skipped: list[tuple[int, str]] = []
+    eligible: list[_Scored] = []
+    seen_ids: set[int] = set()
+    for cand in candidates:
+        if cand.document_id in seen_ids:
+            continue
+        seen_ids.add(cand.document_id)
+        if cand.status == "suspended":
+            skipped.append((cand.document_id, "suspended"))
+            continue
+        if cand.deprioritized_until is not None:
+            require_aware(cand.deprioritized_until, "deprioritized_until")
+            if cand.deprioritized_until > now:
+                skipped.append((cand.document_id, "deprioritized"))
+                continue
+        weight = clamp_weight(cand.priority_weight)
+        base, reason = base_score(cand.next_due_at, now)
+        score = base * weight
+        if in_cooldown(cand.last_sent_at, now):
+            score *= COOLDOWN_FACTOR
+        eligible.append(_Scored(cand, weight, score, reason))
+
+    if batch_size <= 0 or not eligible:
+        return Selection(items=[], skipped=skipped)
+
+    ranks = seeded_rank(seed, [s.candidate.document_id for s in eligible]) if seed is not None else {}
+    far_future = datetime.max.replace(tzinfo=UTC)
+
+    def order_key(s: _Scored) -> tuple[float, bool, datetime, float, int, int]:
+        due = s.candidate.next_due_at
+        return (
+            -s.score,
+            due is None,
+            due if due is not None else far_future,
+            -s.weight,
+            ranks.get(s.candidate.document_id, 0),
+            s.candidate.document_id,
+        )
+
+    ordered = sorted(eligible, key=order_key)
+
+    if any(s.candidate.last_sent_at is None for s in ordered):
+        boosted = [s for s in ordered if s.candidate.last_sent_at is not None and s.weight > 1]
+        never_sent = [s for s in ordered if s.candidate.last_sent_at is None]
+        other_seen = [s for s in ordered if s.candidate.last_sent_at is not None and s.weight <= 1]
+        filled = boosted + never_sent + other_seen
+    else:
+        urgent = [s for s in ordered if s.reason in ("overdue", "due_soon")]
+        new = [s for s in ordered if s.reason == "new"]
+        scheduled = [s for s in ordered if s.reason == "scheduled"]
+        new_cap = (batch_size * 2) // 5  # floor(batch × 0.4) in exact integer arithmetic
+        filled = urgent + new[:new_cap] + scheduled + new[new_cap:]
+
+    items = [
+        Selected(
+            document_id=s.candidate.document_id,
+            position=position,
+            score=s.score,
+            reason=s.reason,
+            weight=s.weight,
+        )
+        for position, s in enumerate(filled[:batch_size], start=1)
+    ]
+    return Selection(items=items, skipped=skipped)

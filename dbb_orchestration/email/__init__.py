@@ -1,0 +1,1 @@
+"""Email: rendering (shared Jinja environment, base layout, CSS inlining) and sending (provider interface)."""
