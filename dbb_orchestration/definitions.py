@@ -7,6 +7,7 @@ from typing import Any
 
 import dagster as dg
 
+from dbb_orchestration.operations import failure_sensor
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
 
 
@@ -23,6 +24,7 @@ def build_resources(overrides: Mapping[str, str] | None = None) -> dict[str, Any
 def make_definitions(overrides: Mapping[str, str] | None = None) -> dg.Definitions:
     return dg.Definitions.merge(
         dg.Definitions(resources=build_resources(overrides)),
+        failure_sensor.definitions,
     )
 
 

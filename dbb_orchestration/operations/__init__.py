@@ -1,0 +1,1 @@
+"""Operator tooling: failure alerting and instance checks."""

@@ -1,0 +1,100 @@
+"""Load the repository's production ``dagster.yaml`` against a real Postgres and check what it sets.
+
+CI runs ``python -m dbb_orchestration.operations.instance_check``: it creates a throwaway database on
+the Postgres named by ``DBB_TEST_POSTGRES_URL``, points the ``DAGSTER_PG_*`` variables at it, loads the
+instance from a temporary ``DAGSTER_HOME`` holding the repo's file, touches every storage, and drops
+the database. Any config error fails the command.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def check_instance(dagster_yaml: Path, admin_url: str) -> list[str]:
+    import dagster as dg
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    from dbb_orchestration.db.engine import create_db_engine
+
+    admin = create_db_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
+    name = f"dagster_check_{uuid.uuid4().hex[:10]}"
+    url = admin.url
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    home = Path(tempfile.mkdtemp(prefix="dagster_home_"))
+    saved = {k: os.environ.get(k) for k in ("DAGSTER_HOME", *_PG_VARS)}
+    report: list[str] = []
+    try:
+        shutil.copy(dagster_yaml, home / "dagster.yaml")
+        os.environ.update(
+            DAGSTER_HOME=str(home),
+            DAGSTER_PG_USERNAME=url.username or "postgres",
+            DAGSTER_PG_PASSWORD=url.password or "",
+            DAGSTER_PG_HOST=url.host or "127.0.0.1",
+            DAGSTER_PG_DB=name,
+            DAGSTER_PG_PORT=str(url.port or 5432),
+        )
+        with dg.DagsterInstance.get() as instance:
+            storage = type(instance.run_storage).__name__
+            if storage != "PostgresRunStorage":
+                raise SystemExit(f"run storage is {storage}, expected PostgresRunStorage")
+            if not isinstance(instance.run_coordinator, QueuedRunCoordinator):
+                raise SystemExit("run coordinator is not the QueuedRunCoordinator")
+            assert instance.run_retries_enabled, "run retries are off"
+            assert instance.run_monitoring_enabled, "run monitoring is off"
+            instance.get_runs(limit=1)
+            instance.event_log_storage.get_concurrency_keys()
+            report.append(f"run storage: {storage}")
+            report.append(f"event log storage: {type(instance.event_log_storage).__name__}")
+            report.append(f"schedule storage: {type(instance.schedule_storage).__name__}")
+            report.append("run coordinator: QueuedRunCoordinator")
+            limits = instance.get_concurrency_config().run_queue_config
+            report.append(f"tag concurrency limits: {limits.tag_concurrency_limits if limits else None}")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(home, ignore_errors=True)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+    return report
+
+
+_PG_VARS = (
+    "DAGSTER_PG_USERNAME",
+    "DAGSTER_PG_PASSWORD",
+    "DAGSTER_PG_HOST",
+    "DAGSTER_PG_DB",
+    "DAGSTER_PG_PORT",
+)
+
+
+def main() -> int:
+    admin_url = os.environ.get("DBB_TEST_POSTGRES_URL")
+    if not admin_url:
+        print(
+            "DBB_TEST_POSTGRES_URL is not set: it names the Postgres to check dagster.yaml against",
+            file=sys.stderr,
+        )
+        return 2
+    for line in check_instance(REPO_ROOT / "dagster.yaml", admin_url):
+        print(line)
+    print("dagster.yaml loads against Postgres: OK")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

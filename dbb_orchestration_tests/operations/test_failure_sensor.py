@@ -1,0 +1,110 @@
+"""The run-failure sensor records failed runs without PII and reports them to Sentry when configured."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import dagster as dg
+import pytest
+
+from dbb_orchestration.operations.failure_sensor import FAILURE_TAG, run_failure_alert_sensor, scrub
+from dbb_orchestration.resources import SettingsResource
+
+
+@dg.op
+def explode() -> None:
+    raise RuntimeError("could not send to ada@example.com with key re_secretvalue123")
+
+
+@dg.job(tags={"dbb/job": "test"})
+def exploding_job() -> None:
+    explode()
+
+
+class _SentryIngest:
+    """A loopback Sentry ingest endpoint that keeps every envelope it receives."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                outer.envelopes.append(body.decode("utf-8", "replace"))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b"{}")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> _SentryIngest:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def dsn(self) -> str:
+        return f"http://publickey@127.0.0.1:{self.server.server_address[1]}/42"
+
+
+def _failed_run_context(instance: dg.DagsterInstance) -> dg.RunFailureSensorContext:
+    result = exploding_job.execute_in_process(instance=instance, raise_on_error=False)
+    assert not result.success
+    run = instance.get_run_by_id(result.run_id)
+    assert run is not None
+    failure = next(e for e in result.all_events if e.event_type_value == "PIPELINE_FAILURE")
+    return dg.build_run_status_sensor_context(
+        sensor_name=run_failure_alert_sensor.name,
+        dagster_instance=instance,
+        dagster_run=run,
+        dagster_event=failure,
+    ).for_run_failure()
+
+
+def test_scrub_removes_emails_and_tokens() -> None:
+    text = scrub("to ada@example.com, key re_abcdef123456, Bearer ntn_xyz   and\nmore")
+    assert text == "to [email], key [redacted], [redacted] and more"
+    assert len(scrub("x" * 2000)) == 500
+
+
+def test_failed_run_is_recorded_without_pii(tmp_path) -> None:
+    with dg.instance_for_test() as instance:
+        context = _failed_run_context(instance)
+        settings = SettingsResource(overrides={"DATABASE_URL": f"sqlite:///{tmp_path}/x.sqlite"})
+        run_failure_alert_sensor(context, settings=settings)
+        run = instance.get_run_by_id(context.dagster_run.run_id)
+        assert run is not None
+        summary = run.tags[FAILURE_TAG]
+        assert "explode: RuntimeError: could not send to [email] with key [redacted]" in summary
+        assert "ada@example.com" not in summary and "re_secretvalue123" not in summary
+
+
+def test_failed_run_goes_to_sentry_when_dsn_set(tmp_path) -> None:
+    pytest.importorskip("sentry_sdk")
+    with _SentryIngest() as ingest, dg.instance_for_test() as instance:
+        context = _failed_run_context(instance)
+        settings = SettingsResource(
+            overrides={"DATABASE_URL": f"sqlite:///{tmp_path}/x.sqlite", "SENTRY_DSN": ingest.dsn}
+        )
+        run_failure_alert_sensor(context, settings=settings)
+        assert ingest.envelopes, "Sentry received nothing"
+        envelope = "\n".join(ingest.envelopes)
+        assert "Dagster run failed: exploding_job" in envelope
+        assert context.dagster_run.run_id in envelope
+        assert "ada@example.com" not in envelope and "re_secretvalue123" not in envelope
+        items = [json.loads(line) for line in envelope.splitlines() if line.startswith("{")]
+        assert any(i.get("tags", {}).get("job") == "exploding_job" for i in items)
