@@ -73,8 +73,8 @@ class ResendSender:
     """Delivers through the real ``resend`` SDK.
 
     * the idempotency key goes with every call, so a repeated call returns the first email's id;
-    * 429 and 500 are retried ``max_retries`` times with doubling back-off from ``base_delay`` (a 429's
-      ``retry-after`` is not exposed by the SDK, so the back-off is used);
+    * 429 and 500 are retried ``max_retries`` times with doubling back-off from ``base_delay``; a 429's
+      ``retry-after`` header, when longer, is honoured (capped at ``max_delay``);
     * calls are paced by a shared :class:`RateLimiter`.
     """
 
@@ -91,6 +91,7 @@ class ResendSender:
         rate_limiter: RateLimiter | None = None,
         max_retries: int = 3,
         base_delay: float = 1.0,
+        max_delay: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         if not api_key:
@@ -100,6 +101,7 @@ class ResendSender:
         self.rate_limiter = rate_limiter or RateLimiter(None)
         self.max_retries = max_retries
         self.base_delay = base_delay
+        self.max_delay = max_delay
         self._sleep = sleep
         # The SDK keeps its key and base URL in module globals; every sender in a process shares them.
         with self._sdk_lock:
@@ -132,6 +134,7 @@ class ResendSender:
                 response = resend.Emails.send(params, {"idempotency_key": email.idempotency_key})  # type: ignore[arg-type]
             except resend.exceptions.ResendError as exc:
                 status = _int_or_none(getattr(exc, "code", None))
+                retry_after = _retry_after(exc)
                 error = EmailSendError(
                     getattr(exc, "message", None) or str(exc),
                     status=status,
@@ -139,6 +142,7 @@ class ResendSender:
                     attempts=attempt,
                 )
             except Exception as exc:  # network errors: connection refused, timeouts
+                retry_after = None
                 error = EmailSendError(f"{type(exc).__name__}: {exc}", status=None, attempts=attempt)
             else:
                 provider_id = (
@@ -149,7 +153,19 @@ class ResendSender:
                 return SendResult(provider_id=str(provider_id), provider=self.provider, attempts=attempt)
             if not error.retryable or attempt > self.max_retries:
                 raise error
-            self._sleep(self.base_delay * (2 ** (attempt - 1)))
+            delay = self.base_delay * (2 ** (attempt - 1))
+            if retry_after is not None:
+                delay = max(delay, retry_after)
+            self._sleep(min(delay, self.max_delay))
+
+
+def _retry_after(exc: Exception) -> float | None:
+    headers = getattr(exc, "headers", None) or {}
+    raw = next((v for k, v in dict(headers).items() if str(k).lower() == "retry-after"), None)
+    try:
+        return float(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _int_or_none(value: object) -> int | None:
