@@ -1,0 +1,130 @@
+"""What cannot run here (Kubernetes, Docker) is validated here: files parse and names match the code."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import yaml
+
+from dbb_orchestration.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+VALUES = yaml.safe_load((ROOT / "deploy" / "values.yaml").read_text())
+SECRET = yaml.safe_load((ROOT / "deploy" / "secret.example.yaml").read_text())
+INSTANCE = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+
+
+class RecordingEnv(Mapping[str, str]):
+    """An environment that remembers every variable the settings object asks for."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        self.values = values
+        self.asked: set[str] = set()
+
+    def __getitem__(self, key: str) -> str:
+        self.asked.add(key)
+        return self.values[key]
+
+    def get(self, key: str, default: str | None = None) -> str | None:  # type: ignore[override]
+        self.asked.add(key)
+        return self.values.get(key, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+def settings_variables() -> set[str]:
+    env = RecordingEnv({"DATABASE_URL": "sqlite:///x.sqlite"})
+    Settings.from_env(env)
+    return env.asked
+
+
+def _docker_cmd() -> list[str]:
+    line = next(l for l in (ROOT / "Dockerfile").read_text().splitlines() if l.startswith("CMD "))
+    return list(json.loads(line[4:]))
+
+
+def test_secret_names_are_settings_the_code_reads() -> None:
+    read = settings_variables()
+    assert {"DATABASE_URL", "RESEND_API_KEY", "CONTENT_ENCRYPTION_KEY", "CONTENT_ENCRYPTION_KEY_V10"} <= read
+    unknown = set(SECRET["stringData"]) - read
+    assert unknown == set(), f"secret.example.yaml sets variables the code never reads: {unknown}"
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = {
+        name
+        for name in settings_variables()
+        if not re.match(r"CONTENT_ENCRYPTION_KEY_V\d+$", name) and name not in readme
+    }
+    assert missing == set()
+
+
+def test_user_deployment_points_at_the_definitions_module_and_secret() -> None:
+    [deployment] = VALUES["dagster-user-deployments"]["deployments"]
+    args = deployment["dagsterApiGrpcArgs"]
+    assert args[args.index("-m") + 1] == "dbb_orchestration.definitions"
+    assert deployment["port"] == 3030
+    secret = SECRET["metadata"]["name"]
+    assert {"name": secret} in deployment["envSecrets"]
+    assert {"name": secret} in VALUES["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"]
+    assert VALUES["runLauncher"]["type"] == "K8sRunLauncher"
+
+
+def test_helm_and_dagster_yaml_agree_on_run_limits() -> None:
+    helm = VALUES["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    ours = INSTANCE["concurrency"]["runs"]
+    assert helm["tagConcurrencyLimits"] == ours["tag_concurrency_limits"]
+    assert helm["maxConcurrentRuns"] == ours["max_concurrent_runs"]
+
+
+def test_docker_cmd_is_dagster_api_grpc_on_the_chart_port() -> None:
+    cmd = _docker_cmd()
+    assert cmd[:3] == ["dagster", "api", "grpc"]
+    assert cmd[cmd.index("-p") + 1] == "3030"
+    assert cmd[cmd.index("-m") + 1] == "dbb_orchestration.definitions"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_docker_cmd_serves_the_code_location(tmp_path: Path) -> None:
+    """Run the image's command (on loopback) and ask the gRPC server for its health."""
+    port = _free_port()
+    cmd = _docker_cmd()
+    cmd[cmd.index("-h") + 1] = "127.0.0.1"
+    cmd[cmd.index("-p") + 1] = str(port)
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    env = {"DAGSTER_HOME": str(tmp_path), "PATH": str(Path(sys.executable).parent)}
+    proc = subprocess.Popen([dagster, *cmd[1:]], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            check = subprocess.run(
+                [dagster, "api", "grpc-health-check", "-p", str(port)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if check.returncode == 0:
+                break
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else "server exited"
+            assert time.monotonic() < deadline, "gRPC server did not become healthy in 60 s"
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
