@@ -50,7 +50,7 @@ def settings_variables() -> set[str]:
 
 
 def _docker_cmd() -> list[str]:
-    line = next(l for l in (ROOT / "Dockerfile").read_text().splitlines() if l.startswith("CMD "))
+    line = next(x for x in (ROOT / "Dockerfile").read_text().splitlines() if x.startswith("CMD "))
     return list(json.loads(line[4:]))
 
 
