@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from dbb_orchestration.content import ContentKeyError, ContentKeyring
 from dbb_orchestration.db.engine import DatabaseUrlError, normalize_database_url
@@ -62,6 +63,19 @@ def _url(env: Mapping[str, str], name: str, default: str) -> str:
     return raw.rstrip("/")
 
 
+def _instant(env: Mapping[str, str], name: str) -> datetime | None:
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        value = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise SettingsError(f"{name} must be an ISO-8601 time with an offset, got {raw!r}") from exc
+    if value.tzinfo is None:
+        raise SettingsError(f"{name} must include a UTC offset, got {raw!r}")
+    return value.astimezone(UTC)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -85,6 +99,8 @@ class Settings:
     notion_requests_per_second: float = 3.0
     notion_page_concurrency: int = 4
     notion_connection_pause_seconds: float = 2.0
+    # Demo and tests only: pins the wall clock (``DBB_NOW``, ISO-8601 with offset).
+    now_override: datetime | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -125,7 +141,16 @@ class Settings:
             notion_requests_per_second=_number(env, "NOTION_REQUESTS_PER_SECOND", 3.0, minimum=0),
             notion_page_concurrency=int(_number(env, "NOTION_PAGE_CONCURRENCY", 4, minimum=1, integer=True)),
             notion_connection_pause_seconds=_number(env, "NOTION_CONNECTION_PAUSE_SECONDS", 2.0, minimum=0),
+            now_override=_instant(env, "DBB_NOW"),
         )
+
+    def now(self) -> datetime:
+        """The wall clock (aware UTC) that records when things really happened, e.g. ``sent_at``.
+
+        Logical times (a partition's hour) are passed explicitly instead. ``DBB_NOW`` pins this clock
+        so the demo can simulate a day; production never sets it.
+        """
+        return self.now_override or datetime.now(UTC)
 
     def require_resend(self, *, dry_run: bool) -> None:
         """Raise unless emails can be sent: ``RESEND_API_KEY`` is required when not in dry-run."""

@@ -73,3 +73,14 @@ def test_resend_key_required_unless_dry_run() -> None:
     s.require_resend(dry_run=True)
     with pytest.raises(SettingsError, match="RESEND_API_KEY"):
         s.require_resend(dry_run=False)
+
+
+def test_clock_is_real_unless_pinned() -> None:
+    from datetime import UTC, datetime
+
+    before = datetime.now(UTC)
+    assert Settings.from_env(BASE).now() >= before
+    pinned = Settings.from_env({**BASE, "DBB_NOW": "2026-02-08T09:00:00+01:00"})
+    assert pinned.now() == datetime(2026, 2, 8, 8, 0, tzinfo=UTC)
+    with pytest.raises(SettingsError, match="DBB_NOW"):
+        Settings.from_env({**BASE, "DBB_NOW": "2026-02-08T08:00:00"})
