@@ -1,0 +1,268 @@
+"""Dagster wiring for email sequences: thin shells around ``process``, ``due`` and ``discover``.
+
+- ``email_sequence_step_job`` (op ``email_sequence_step``, pool ``email_provider``, in-process
+  executor, tag ``dbb/job=sequence_step``): one step of one user, config ``state_id``,
+  ``sequence_name``, ``user_id``, ``step``.
+- ``email_sequence_sensor`` (every 60 s, stopped by default): launches one run per due step, run key =
+  the step's idempotency key, retries failed steps with back-off (see ``due.py`` and
+  ``docs/sequences.md``).
+- ``upgrade_sequence_discover_job`` + ``upgrade_sequence_discover_schedule`` (minute 15, UTC).
+
+Logs and metadata carry ids and counts only, never addresses, names or email bodies.
+"""
+
+# No ``from __future__ import annotations``: Dagster reads the Config/resource annotations at runtime.
+
+from collections.abc import Collection, Sequence
+from datetime import UTC, datetime
+
+import dagster as dg
+from pydantic import Field
+
+from dbb_orchestration.config import SettingsError
+from dbb_orchestration.operations.failure_sensor import scrub
+from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
+from dbb_orchestration.sequences.discover import discover_upgrade_candidates
+from dbb_orchestration.sequences.due import Launch, describe_tick, evaluate_tick
+from dbb_orchestration.sequences.process import StepConfigError, StepRef, StepSendFailed, process_step
+
+__all__ = [
+    "SELF_HOSTED_SKIP",
+    "STEP_OP",
+    "DISCOVER_OP",
+    "SequenceStepConfig",
+    "UpgradeDiscoverConfig",
+    "definitions",
+    "email_sequence_sensor",
+    "email_sequence_step_job",
+    "upgrade_sequence_discover_job",
+    "upgrade_sequence_discover_schedule",
+]
+
+STEP_OP = "email_sequence_step"
+DISCOVER_OP = "upgrade_sequence_discover"
+SELF_HOSTED_SKIP = "sequences are disabled in self-hosted mode"
+RUN_KEY_TAG = "dagster/run_key"
+_UNFINISHED = (
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.CANCELING,
+)
+_IN_FLIGHT_CHUNK = 500
+
+
+class SequenceStepConfig(dg.Config):
+    """Identifies the state row and the step a run processes (the sensor fills it)."""
+
+    state_id: int = Field(description="email_sequence_states.id")
+    sequence_name: str = Field(description="welcome, onboarding or upgrade")
+    user_id: str = Field(description="the state's user id (checked against the row)")
+    step: int = Field(description="the step this run sends; nothing happens if the state has moved on")
+
+
+@dg.op(
+    name=STEP_OP,
+    pool="email_provider",
+    retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+    description="Checks, exits or sends one sequence step exactly once, records email_sends and advances.",
+)
+def email_sequence_step(
+    context: dg.OpExecutionContext,
+    config: SequenceStepConfig,
+    settings: SettingsResource,
+    database: DatabaseResource,
+    email: EmailResource,
+) -> dg.Output[str]:
+    s = settings.get()
+    ref = StepRef(config.state_id, config.sequence_name, config.user_id, config.step)
+    if not s.billing_enabled:
+        context.log.info(f"sequence step state_id={ref.state_id}: {SELF_HOSTED_SKIP}")
+        return dg.Output("disabled", metadata={"outcome": "disabled", "state_id": ref.state_id})
+    try:
+        sender = email.sender(dry_run=s.sequence_email_dry_run)  # a missing RESEND_API_KEY fails here, first
+    except SettingsError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    try:
+        result = process_step(
+            database.engine,
+            ref,
+            sender=sender,
+            now=s.now(),
+            frontend_url=s.frontend_url,
+            mode=s.deployment_mode,
+        )
+    except StepConfigError as exc:
+        raise dg.Failure(description=scrub(str(exc)), allow_retries=False) from exc
+    except StepSendFailed as exc:
+        raise dg.Failure(
+            description=scrub(str(exc)),
+            metadata={
+                "state_id": ref.state_id,
+                "status": exc.error.status or 0,
+                "error": exc.error.name or "-",
+            },
+            allow_retries=exc.error.retryable,
+        ) from exc
+    context.log.info(
+        f"sequence step state_id={ref.state_id} {ref.sequence_name} step={ref.step}: {result.outcome.value} "
+        f"(recorded={result.recorded}, advanced={result.advanced}, dry_run={s.sequence_email_dry_run})"
+    )
+    return dg.Output(result.outcome.value, metadata=result.metadata())
+
+
+@dg.job(
+    name="email_sequence_step_job",
+    tags={"dbb/job": "sequence_step"},
+    executor_def=dg.in_process_executor,
+    description="One step of one user's email sequence (launched by email_sequence_sensor).",
+)
+def email_sequence_step_job() -> None:
+    email_sequence_step()
+
+
+def _in_flight(instance: dg.DagsterInstance, run_keys: Sequence[str]) -> Collection[str]:
+    """Those of ``run_keys`` whose run is queued or running (one run-storage query per 500 keys)."""
+    found: set[str] = set()
+    for start in range(0, len(run_keys), _IN_FLIGHT_CHUNK):
+        chunk = list(run_keys[start : start + _IN_FLIGHT_CHUNK])
+        runs = instance.get_runs(
+            filters=dg.RunsFilter(
+                job_name=email_sequence_step_job.name, tags={RUN_KEY_TAG: chunk}, statuses=list(_UNFINISHED)
+            )
+        )
+        found.update(run.tags[RUN_KEY_TAG] for run in runs if RUN_KEY_TAG in run.tags)
+    return found
+
+
+def _run_request(launch: Launch) -> dg.RunRequest:
+    step = launch.step
+    config = SequenceStepConfig(
+        state_id=step.state_id, sequence_name=step.sequence_name, user_id=step.user_id, step=step.step
+    )
+    return dg.RunRequest(
+        run_key=launch.run_key,
+        run_config=dg.RunConfig(ops={STEP_OP: config}),
+        tags={
+            "dbb/sequence": step.sequence_name,
+            "dbb/step": str(step.step),
+            "dbb/state_id": str(step.state_id),
+            "dbb/attempt": str(launch.attempt),
+        },
+    )
+
+
+@dg.sensor(
+    name="email_sequence_sensor",
+    job=email_sequence_step_job,
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="Launches email_sequence_step_job once per due sequence step (run key = the step's "
+    "idempotency key); failed steps are retried with back-off under <key>:attempt-<n>.",
+)
+def email_sequence_sensor(
+    context: dg.SensorEvaluationContext, settings: SettingsResource, database: DatabaseResource
+) -> dg.SensorResult:
+    s = settings.get()
+    if not s.billing_enabled:
+        return dg.SensorResult(skip_reason=SELF_HOSTED_SKIP, cursor=context.cursor)
+    tick = evaluate_tick(
+        database.engine,
+        context.cursor,
+        now=s.now(),
+        cap=s.sequence_max_requests_per_tick,
+        max_attempts=s.sequence_max_attempts,
+        in_flight=lambda keys: _in_flight(context.instance, keys),
+    )
+    summary = describe_tick(tick.scan, tick.plan)
+    if not tick.plan.launches:
+        return dg.SensorResult(skip_reason=f"no sequence step to launch: {summary}", cursor=tick.cursor)
+    context.log.info(summary)
+    return dg.SensorResult(
+        run_requests=[_run_request(launch) for launch in tick.plan.launches], cursor=tick.cursor
+    )
+
+
+class UpgradeDiscoverConfig(dg.Config):
+    entered_at: str | None = Field(
+        default=None,
+        description="entered_at of the new rows, ISO-8601 with an offset (the schedule passes its tick "
+        "time); empty → now",
+    )
+
+
+def parse_entered_at(raw: str | None) -> datetime | None:
+    """``None``/blank → ``None``; ISO-8601 with an offset (``Z`` allowed) → aware UTC; anything else
+    (including a time without an offset) → ``ValueError`` naming ``entered_at``."""
+    if raw is None or not raw.strip():
+        return None
+    try:
+        value = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"entered_at must be an ISO-8601 time with an offset, got {raw!r}") from None
+    if value.tzinfo is None:
+        raise ValueError(f"entered_at must include a UTC offset, got {raw!r}")
+    return value.astimezone(UTC)
+
+
+@dg.op(
+    name=DISCOVER_OP,
+    description="Enrols free users with at least 4 sent digests into the upgrade sequence (one statement).",
+)
+def upgrade_sequence_discover(
+    context: dg.OpExecutionContext,
+    config: UpgradeDiscoverConfig,
+    settings: SettingsResource,
+    database: DatabaseResource,
+) -> dg.Output[int]:
+    s = settings.get()
+    try:
+        entered_at = parse_entered_at(config.entered_at) or s.now()
+    except ValueError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    result = discover_upgrade_candidates(database.engine, entered_at=entered_at, mode=s.deployment_mode)
+    context.log.info(
+        f"upgrade discovery: {result.inserted} enrolled"
+        + (f" ({result.skipped_reason})" if result.skipped_reason else "")
+    )
+    return dg.Output(
+        result.inserted,
+        metadata={
+            "inserted": result.inserted,
+            "entered_at": entered_at.isoformat(),
+            "skipped": result.skipped_reason or "-",
+        },
+    )
+
+
+@dg.job(
+    name="upgrade_sequence_discover_job",
+    tags={"dbb/job": "upgrade_discover"},
+    executor_def=dg.in_process_executor,
+    description="Enrols engaged free users into the upgrade email sequence.",
+)
+def upgrade_sequence_discover_job() -> None:
+    upgrade_sequence_discover()
+
+
+@dg.schedule(
+    name="upgrade_sequence_discover_schedule",
+    cron_schedule="15 * * * *",
+    execution_timezone="UTC",
+    job=upgrade_sequence_discover_job,
+    description="Hourly at minute 15 UTC; new rows get the tick's time as entered_at.",
+)
+def upgrade_sequence_discover_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    tick = context.scheduled_execution_time  # None only when evaluated by hand without a time
+    entered_at = tick.astimezone(UTC).isoformat() if tick is not None else None
+    return dg.RunRequest(
+        run_config=dg.RunConfig(ops={DISCOVER_OP: UpgradeDiscoverConfig(entered_at=entered_at)})
+    )
+
+
+definitions = dg.Definitions(
+    jobs=[email_sequence_step_job, upgrade_sequence_discover_job],
+    sensors=[email_sequence_sensor],
+    schedules=[upgrade_sequence_discover_schedule],
+)
