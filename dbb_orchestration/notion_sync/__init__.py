@@ -1,1 +1,9 @@
-"""Weekly Notion sync (SPEC §11): pure page/block conversion in ``markdown`` and ``pages``."""
+"""Weekly Notion sync (SPEC §11).
+
+- ``markdown.py`` / ``pages.py``  blocks → markdown (byte-identical to the backend), titles, metadata (pure);
+- ``client.py``  the real notion-client with this code's pacing and retries, and ``NotionResource``;
+- ``fetch.py``   the cursor arithmetic, the data-source query and breadth-first block trees;
+- ``ingest.py``  stale/unchanged/apply decisions, the note cap, document writes, sync_runs/sync_state;
+- ``sync.py``    one connection end to end, and which connections are eligible;
+- ``defs.py``    the Dagster job (one step per connection), its summary and the weekly schedule.
+"""

@@ -10,10 +10,12 @@ Choices made here (documented because the backend writes the same ``documents`` 
   becomes ``**t**`` …), trimmed with JavaScript's whitespace set. :func:`page_title` does exactly that,
   so a document keeps the same title whichever side synced it last. For plain titles (the usual case)
   this equals the plain text.
-* **Property summary** — ``{name: {"type": <type>, "value": <simple JSON value>}}`` for every property,
-  title included (as its plain text). Unknown or value-less types give ``{"type": <type>}`` only. The
-  per-type values are listed in :func:`summarize_properties`. People, relations and files are
+* **Property summary** — :func:`summarize_properties` gives ``{name: {"type": <type>, "value": <simple
+  JSON value>}}`` for every property, title included (as its plain text); unknown or value-less types
+  give ``{"type": <type>}`` only. The per-type values are listed there. People, relations and files are
   summarised as counts so no names, e-mails or signed file URLs end up in metadata.
+* **Metadata** — :func:`page_metadata` stores the backend's shape, ``{"databaseId", "dataSourceId",
+  "url", "propertiesSummary": {name: value}}`` (values as above, ``None`` for value-less types).
 """
 
 from __future__ import annotations
@@ -173,20 +175,27 @@ def page_title(page: Mapping[str, Any]) -> str:
     return UNTITLED
 
 
-def page_metadata(page: Mapping[str, Any], database_id: str, data_source_id: str | None) -> dict[str, Any]:
-    """The ``documents.metadata_json`` for a synced page.
+def property_values(properties: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``{name: value}`` from :func:`summarize_properties`: each property's summarised value, ``None`` for
+    types without one (``button``, unknown future types). Same bad-input rules as
+    :func:`summarize_properties` (never raises)."""
+    return {name: entry.get("value") for name, entry in summarize_properties(properties).items()}
 
-    Keys: ``notion_database_id``, ``notion_data_source_id`` (``None`` when unknown), ``url``,
-    ``properties`` (:func:`summarize_properties`), ``last_edited_time`` and ``created_time`` (ISO strings
-    as Notion sent them). Missing or non-string ``url``/times become ``None``.
+
+def page_metadata(page: Mapping[str, Any], database_id: str, data_source_id: str | None) -> dict[str, Any]:
+    """The ``documents.metadata_json`` for a synced page, in the backend's shape (camelCase keys), so a
+    row looks the same whichever side wrote it::
+
+        {"databaseId": ..., "dataSourceId": ..., "url": ..., "propertiesSummary": {name: value}}
+
+    ``dataSourceId`` is ``None`` when unknown; a missing or non-string ``url`` becomes ``None``;
+    ``propertiesSummary`` is :func:`property_values`.
     """
     return {
-        "notion_database_id": database_id,
-        "notion_data_source_id": data_source_id,
+        "databaseId": database_id,
+        "dataSourceId": data_source_id,
         "url": _string_or_none(page.get("url")),
-        "properties": summarize_properties(page.get("properties")),
-        "last_edited_time": _string_or_none(page.get("last_edited_time")),
-        "created_time": _string_or_none(page.get("created_time")),
+        "propertiesSummary": property_values(page.get("properties")),
     }
 
 

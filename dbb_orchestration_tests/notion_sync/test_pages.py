@@ -193,23 +193,31 @@ def test_summary_malformed_payloads() -> None:
 def test_page_metadata() -> None:
     p = page({"Name": title_prop(rt("T")), "Done": {"type": "checkbox", "checkbox": False}})
     assert page_metadata(p, "db-1", "ds-1") == {
-        "notion_database_id": "db-1",
-        "notion_data_source_id": "ds-1",
+        "databaseId": "db-1",
+        "dataSourceId": "ds-1",
         "url": "https://www.notion.so/Page-1",
-        "properties": {"Name": {"type": "title", "value": "T"}, "Done": {"type": "checkbox", "value": False}},
-        "last_edited_time": "2024-05-06T07:08:00.000Z",
-        "created_time": "2024-01-02T03:04:00.000Z",
+        "propertiesSummary": {"Name": "T", "Done": False},
     }
+
+
+def test_page_metadata_values_by_type_and_valueless_types() -> None:
+    metadata = page_metadata(page(PROPERTIES), "db-1", None)
+    summary = metadata["propertiesSummary"]
+    assert summary["Tags"] == ["a", "b"]
+    assert summary["Due"] == {"start": "2024-02-01", "end": "2024-02-03"}
+    assert summary["Owners"] == 2
+    assert summary["ID"] == "TASK-12"
+    assert summary["Press"] is None  # a button has no value
+    assert "Broken" not in summary and "No type" not in summary
+    assert json.loads(json.dumps(metadata)) == metadata
 
 
 def test_page_metadata_missing_fields() -> None:
     assert page_metadata({"object": "page"}, "db-2", None) == {
-        "notion_database_id": "db-2",
-        "notion_data_source_id": None,
+        "databaseId": "db-2",
+        "dataSourceId": None,
         "url": None,
-        "properties": {},
-        "last_edited_time": None,
-        "created_time": None,
+        "propertiesSummary": {},
     }
 
 

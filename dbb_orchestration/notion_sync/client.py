@@ -1,0 +1,323 @@
+"""The Notion API as the weekly sync uses it: the real notion-client, paced and retried once (SPEC §11).
+
+Retries are done here, not by the SDK. notion-client 3.1 retries 429 and 5xx on its own (2 retries, up to
+60 s apart, with random jitter), which would stack with ours (5 × 6 = 30 attempts) and sleep outside the
+rate limiter. :func:`make_sdk_client` therefore builds the client with ``retry=False`` and
+:class:`NotionApi` applies SPEC §11's policy itself, where it can also count attempts and pass every
+attempt through the connection's :class:`~dbb_orchestration.ratelimit.RateLimiter`:
+
+- 429 ``rate_limited``: wait ``Retry-After`` seconds (capped at 10 s), or the back-off when the header is
+  missing or unreadable;
+- 500/502/503/504, a request timeout or a transport error (connection reset, refused …): the back-off,
+  400 ms doubling, capped at 10 s (every call made here only reads, so repeating it is safe);
+- at most 5 retries, then :class:`NotionRequestError`;
+- 401 → :class:`NotionUnauthorized` at once (the connection is aborted), 404 → :class:`NotionNotFound`
+  at once (the caller skips the object), any other error → :class:`NotionRequestError` at once.
+
+Nothing here logs tokens or response bodies; errors carry the HTTP status, the Notion error code and
+Notion's message (which names object ids, never content).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import dagster as dg
+import httpx
+from notion_client import Client
+from notion_client.errors import HTTPResponseError, RequestTimeoutError
+from pydantic import PrivateAttr
+
+from dbb_orchestration.ratelimit import RateLimiter
+from dbb_orchestration.resources import SettingsResource
+
+__all__ = [
+    "MAX_RETRIES",
+    "RETRYABLE_STATUSES",
+    "NotionApi",
+    "NotionApiError",
+    "NotionNotFound",
+    "NotionRequestError",
+    "NotionResource",
+    "NotionUnauthorized",
+    "RetryPolicy",
+    "make_sdk_client",
+    "parse_retry_after",
+    "retry_delay",
+]
+
+MAX_RETRIES = 5
+INITIAL_BACKOFF_SECONDS = 0.4
+MAX_BACKOFF_SECONDS = 10.0
+REQUEST_TIMEOUT_MS = 60_000
+RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+_SDK_LOGGER = "dbb_orchestration.notion_sync.sdk"
+_MESSAGE_LIMIT = 300
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """SPEC §11's numbers: at most ``max_retries`` retries, back-off ``initial`` seconds doubling, every
+    wait (``Retry-After`` included) capped at ``cap`` seconds."""
+
+    max_retries: int = MAX_RETRIES
+    initial: float = INITIAL_BACKOFF_SECONDS
+    cap: float = MAX_BACKOFF_SECONDS
+
+
+class NotionApiError(Exception):
+    """A Notion call failed for good. ``status`` is the HTTP status (0 for timeouts and transport errors),
+    ``code`` Notion's error code (or ``timeout`` / ``transport_error``), ``attempts`` how many requests
+    were made."""
+
+    def __init__(self, message: str, *, status: int, code: str, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.attempts = attempts
+
+    def as_json(self) -> dict[str, Any]:
+        """A JSON-safe description for ``sync_runs.error_json`` (no tokens, no note content)."""
+        return {
+            "type": type(self).__name__,
+            "status": self.status,
+            "code": self.code,
+            "message": str(self)[:_MESSAGE_LIMIT],
+            "attempts": self.attempts,
+        }
+
+
+class NotionUnauthorized(NotionApiError):
+    """401: the token is invalid or revoked; the whole connection stops."""
+
+
+class NotionNotFound(NotionApiError):
+    """404: the object is gone or no longer shared with the integration."""
+
+
+class NotionRequestError(NotionApiError):
+    """Any other failure, including retryable ones once the retries are used up."""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header given as delta-seconds (``"3"``, ``"1.5"``).
+
+    ``None``, blank, negative, non-numeric values (including the HTTP-date form, which Notion does not
+    send) and NaN/infinity give ``None`` (the caller then uses its back-off)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value.strip())
+    except ValueError:
+        return None
+    if seconds != seconds or seconds in (float("inf"), float("-inf")) or seconds < 0:
+        return None
+    return seconds
+
+
+def retry_delay(status: int, retry_after: float | None, attempt: int, policy: RetryPolicy) -> float | None:
+    """How long to wait before retry number ``attempt + 1`` (``attempt`` counts from 0), or ``None`` when
+    the failure must not be retried.
+
+    Retryable: ``status`` in :data:`RETRYABLE_STATUSES`, or 0 (timeout / transport error), while
+    ``attempt < policy.max_retries``. A 429 waits ``retry_after`` when given; everything else (and a 429
+    without it) waits ``policy.initial · 2^attempt``; every wait is capped at ``policy.cap``. A negative
+    ``attempt`` counts as 0.
+    """
+    if status != 0 and status not in RETRYABLE_STATUSES:
+        return None
+    attempt = max(0, attempt)
+    if attempt >= policy.max_retries:
+        return None
+    if status == 429 and retry_after is not None:
+        return min(retry_after, policy.cap)
+    return min(policy.initial * (2**attempt), policy.cap)
+
+
+def make_sdk_client(token: str, base_url: str, *, timeout_ms: int = REQUEST_TIMEOUT_MS) -> Client:
+    """A notion-client ``Client`` for ``token`` against ``base_url`` (Notion-Version 2025-09-03, the
+    SDK's default), with the SDK's own retries off (see the module docstring) and its logging muted
+    below ERROR. An empty token raises ``ValueError``."""
+    if not token:
+        raise ValueError("a Notion access token is required")
+    return Client(
+        auth=token,
+        base_url=base_url.rstrip("/"),
+        timeout_ms=timeout_ms,
+        retry=False,
+        logger=logging.getLogger(_SDK_LOGGER),
+        log_level=logging.ERROR,
+    )
+
+
+class NotionApi:
+    """The calls the sync makes, each paced by ``rate_limiter`` (per attempt) and retried per ``policy``.
+
+    Thread-safe: one instance per connection is shared by that connection's page-fetching threads, so
+    they share one rate limit. ``sleep`` is injectable for tests. Counters: :attr:`requests` (attempts
+    made) and :attr:`retries`.
+    """
+
+    def __init__(
+        self,
+        sdk: Client,
+        *,
+        rate_limiter: RateLimiter | None = None,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.sdk = sdk
+        self.rate_limiter = rate_limiter or RateLimiter(None)
+        self.policy = policy or RetryPolicy()
+        self._sleep = sleep
+        self._lock = threading.Lock()
+        self._requests = 0
+        self._retries = 0
+        self._waited = 0.0
+
+    # -- counters -------------------------------------------------------------------------------------
+    @property
+    def requests(self) -> int:
+        with self._lock:
+            return self._requests
+
+    @property
+    def retries(self) -> int:
+        with self._lock:
+            return self._retries
+
+    @property
+    def retry_wait_seconds(self) -> float:
+        with self._lock:
+            return self._waited
+
+    # -- calls ----------------------------------------------------------------------------------------
+    def retrieve_database(self, database_id: str) -> dict[str, Any]:
+        """``GET /v1/databases/{id}``: the database with its ``data_sources``."""
+        return self._call("databases.retrieve", lambda: self.sdk.databases.retrieve(database_id))
+
+    def query_data_source(self, data_source_id: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``POST /v1/data_sources/{id}/query`` with ``body`` (``filter``, ``sorts``, ``page_size``,
+        ``start_cursor``)."""
+        return self._call(
+            "data_sources.query", lambda: self.sdk.data_sources.query(data_source_id, **dict(body))
+        )
+
+    def list_block_children(self, block_id: str, start_cursor: str | None = None) -> dict[str, Any]:
+        """``GET /v1/blocks/{id}/children`` (100 per page), from ``start_cursor`` when given."""
+        kwargs: dict[str, Any] = {"page_size": 100}
+        if start_cursor:
+            kwargs["start_cursor"] = start_cursor
+        return self._call("blocks.children.list", lambda: self.sdk.blocks.children.list(block_id, **kwargs))
+
+    def close(self) -> None:
+        self.sdk.close()
+
+    def __enter__(self) -> NotionApi:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- the retry loop -------------------------------------------------------------------------------
+    def _call(self, name: str, send: Callable[[], Any]) -> dict[str, Any]:
+        attempt = 0
+        while True:
+            self.rate_limiter.acquire()
+            with self._lock:
+                self._requests += 1
+            try:
+                result = send()
+            except HTTPResponseError as exc:
+                status, code = exc.status, str(getattr(exc.code, "value", exc.code))
+                retry_after = parse_retry_after(exc.headers.get("retry-after")) if status == 429 else None
+                message = f"{name}: Notion answered {status} {code}: {str(exc)[:_MESSAGE_LIMIT]}"
+            except RequestTimeoutError:
+                status, code, retry_after = 0, "timeout", None
+                message = f"{name}: request timed out"
+            except httpx.TransportError as exc:
+                status, code, retry_after = 0, "transport_error", None
+                message = f"{name}: {type(exc).__name__}"
+            else:
+                if not isinstance(result, dict):
+                    raise NotionRequestError(
+                        f"{name}: unexpected response type {type(result).__name__}",
+                        status=200,
+                        code="bad_response",
+                        attempts=attempt + 1,
+                    )
+                return result
+            if status == 401:
+                raise NotionUnauthorized(message, status=status, code=code, attempts=attempt + 1)
+            if status == 404:
+                raise NotionNotFound(message, status=status, code=code, attempts=attempt + 1)
+            delay = retry_delay(status, retry_after, attempt, self.policy)
+            if delay is None:
+                raise NotionRequestError(message, status=status, code=code, attempts=attempt + 1)
+            with self._lock:
+                self._retries += 1
+                self._waited += delay
+            if delay > 0:
+                self._sleep(delay)
+            attempt += 1
+
+
+class NotionResource(dg.ConfigurableResource):
+    """Builds one :class:`NotionApi` per connection: ``NOTION_API_URL`` (default the real API),
+    ``NOTION_REQUESTS_PER_SECOND`` (3; 0 = no pacing) through a fresh rate limiter per call, so each
+    connection has its own limit shared by its threads.
+
+    It also spaces connections that run one after another in the same process (the job's in-process
+    executor shares one resource instance between its steps): :meth:`pause_between_connections` waits
+    until ``NOTION_CONNECTION_PAUSE_SECONDS`` (2) have passed since :meth:`connection_finished` was
+    last called; the first connection does not wait."""
+
+    settings: SettingsResource
+    _pause_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _last_finished: float | None = PrivateAttr(default=None)
+
+    def client(self, token: str) -> NotionApi:
+        """A paced, retrying API for one connection's ``token``. Close it (or use ``with``) when done."""
+        settings = self.settings.get()
+        return NotionApi(
+            make_sdk_client(token, settings.notion_api_url),
+            rate_limiter=RateLimiter(settings.notion_requests_per_second),
+        )
+
+    @contextmanager
+    def open(self, token: str) -> Iterator[NotionApi]:
+        """:meth:`client` as a context manager that closes the HTTP pool afterwards."""
+        api = self.client(token)
+        try:
+            yield api
+        finally:
+            api.close()
+
+    def pause_between_connections(
+        self,
+        seconds: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> float:
+        """Sleep until ``seconds`` have passed since the previous connection finished; returns the wait."""
+        with self._pause_lock:
+            last = self._last_finished
+        if last is None or seconds <= 0:
+            return 0.0
+        wait = last + seconds - clock()
+        if wait > 0:
+            sleep(wait)
+            return wait
+        return 0.0
+
+    def connection_finished(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+        """Note that a connection just finished (successfully or not)."""
+        with self._pause_lock:
+            self._last_finished = clock()
