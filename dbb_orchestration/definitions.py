@@ -7,8 +7,12 @@ from typing import Any
 
 import dagster as dg
 
+from dbb_orchestration.digests import defs as digests_defs
+from dbb_orchestration.notion_sync import defs as notion_sync_defs
+from dbb_orchestration.notion_sync.client import NotionResource
 from dbb_orchestration.operations import failure_sensor
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
+from dbb_orchestration.sequences import defs as sequences_defs
 
 
 def build_resources(overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
@@ -18,6 +22,7 @@ def build_resources(overrides: Mapping[str, str] | None = None) -> dict[str, Any
         "settings": settings,
         "database": DatabaseResource(settings=settings),
         "email": EmailResource(settings=settings),
+        "notion": NotionResource(settings=settings),
     }
 
 
@@ -25,6 +30,9 @@ def make_definitions(overrides: Mapping[str, str] | None = None) -> dg.Definitio
     return dg.Definitions.merge(
         dg.Definitions(resources=build_resources(overrides)),
         failure_sensor.definitions,
+        digests_defs.definitions,
+        sequences_defs.definitions,
+        notion_sync_defs.definitions,
     )
 
 

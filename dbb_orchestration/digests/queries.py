@@ -1,0 +1,559 @@
+"""Set-based loaders and writers shared by digest generation, sending and the seed digest.
+
+Every loader takes a list of ids and issues ONE statement whatever the list's length: on Postgres the
+ids travel as a single array parameter (``col = ANY(:ids)``), on SQLite as one JSON parameter
+(``col IN (SELECT value FROM json_each(:ids))``), so neither hits a bind-parameter limit.
+
+Writers are multi-row:
+
+- :func:`insert_many` — Postgres: ``INSERT … SELECT … FROM unnest(:col1, :col2, …)`` (one statement for
+  any number of rows, one array parameter per column, optional ``ON CONFLICT … DO UPDATE`` and
+  ``RETURNING``); SQLite: the dialect's ``insert`` executed with a list of rows.
+- :func:`update_many` — Postgres: ``UPDATE … FROM unnest(…) AS v WHERE t.id = v.id``; SQLite: one
+  ``UPDATE … SET c = CASE id WHEN … END WHERE id IN (…)`` per 300 rows.
+
+Nothing here decides anything: callers pass plain values and get plain rows back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Insert
+
+from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.engine import is_postgres
+from dbb_orchestration.digests.selection import Candidate
+from dbb_orchestration.plans import PRO_SUBSCRIPTION_STATUSES
+
+__all__ = [
+    "DIGEST_LOCK_KEY",
+    "PENDING_STATUSES",
+    "DigestRow",
+    "ItemRow",
+    "ReviewRow",
+    "UserRow",
+    "advisory_xact_lock",
+    "find_first_digest_users",
+    "in_ids",
+    "insert_many",
+    "load_active_sources",
+    "load_candidates",
+    "load_content_hashes",
+    "load_document_counts",
+    "load_items",
+    "load_last_sends",
+    "load_latest_digests",
+    "load_review_states",
+    "load_user_batch",
+    "lock_pending_digests",
+    "update_many",
+]
+
+PENDING_STATUSES = ("scheduled", "failed")
+# pg_advisory_xact_lock key shared by digest generation and seed-digest creation ("dbbdigs" in ASCII):
+# two generations (or a generation and a seed) for the same users never interleave their
+# "does this user already have today's digest?" read and their insert.
+DIGEST_LOCK_KEY = 0x64626264696773
+_SQLITE_UPDATE_CHUNK = 300
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def in_ids(conn: sa.Connection, column: sa.ColumnElement[Any], ids: Sequence[Any]) -> sa.ColumnElement[bool]:
+    """``column IN ids`` as one bind parameter (see the module docstring). ``ids`` must be all ``int`` or
+    all ``str``; an empty list gives a condition that is always false."""
+    values = list(ids)
+    if not values:
+        return sa.false()
+    if is_postgres(conn):
+        item_type: sa.types.TypeEngine[Any] = sa.Integer() if isinstance(values[0], int) else sa.Text()
+        return column == sa.any_(sa.bindparam(None, values, type_=postgresql.ARRAY(item_type)))
+    each = sa.func.json_each(sa.bindparam(None, json.dumps(values), type_=sa.Text())).table_valued("value")
+    return column.in_(sa.select(each.c.value))
+
+
+def advisory_xact_lock(conn: sa.Connection, key: int = DIGEST_LOCK_KEY) -> None:
+    """Postgres: wait for the transaction-scoped advisory lock ``key`` (released at commit/rollback).
+    SQLite: nothing (a SQLite database has one writer at a time anyway)."""
+    if is_postgres(conn):
+        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+
+
+def _is_json(column: sa.Column[Any]) -> bool:
+    return isinstance(column.type, sa.JSON) or "JSON" in type(column.type).__name__.upper()
+
+
+def _array_param(column: sa.Column[Any], values: list[Any]) -> tuple[sa.BindParameter[Any], bool]:
+    """An array bind parameter for ``column``'s values; the flag says whether the unnested value must be
+    cast back to the column type (enums and JSON travel as text)."""
+    col_type = column.type
+    if isinstance(col_type, sa.Enum):
+        return sa.bindparam(None, values, type_=postgresql.ARRAY(sa.Text())), True
+    if _is_json(column):
+        encoded = [None if v is None else json.dumps(v) for v in values]
+        return sa.bindparam(None, encoded, type_=postgresql.ARRAY(sa.Text())), True
+    return sa.bindparam(None, values, type_=postgresql.ARRAY(col_type)), False
+
+
+def _unnest(
+    table: sa.Table, names: Sequence[str], rows: Sequence[Mapping[str, Any]], alias: str
+) -> tuple[Any, dict[str, sa.ColumnElement[Any]]]:
+    """``unnest(:a, :b, …) AS alias(a, b, …)`` and, per column name, the expression to select (cast back
+    to the column type where needed)."""
+    params = []
+    casts: dict[str, bool] = {}
+    for name in names:
+        param, cast = _array_param(table.c[name], [row[name] for row in rows])
+        params.append(param)
+        casts[name] = cast
+    derived = sa.func.unnest(*params).table_valued(*names, name=alias).render_derived()
+    exprs: dict[str, sa.ColumnElement[Any]] = {}
+    for name in names:
+        col = derived.c[name]
+        exprs[name] = sa.cast(col, table.c[name].type) if casts[name] else col
+    return derived, exprs
+
+
+def insert_many(
+    conn: sa.Connection,
+    table: sa.Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    returning: Sequence[sa.Column[Any]] = (),
+    on_conflict: Callable[[Any], Insert] | None = None,
+) -> list[sa.Row[Any]]:
+    """Insert ``rows`` (all with the same keys) in one statement on Postgres; returns the ``returning``
+    columns of the inserted (or upserted) rows, in no particular order.
+
+    ``on_conflict`` receives the dialect's insert statement (Postgres or SQLite, both offer
+    ``.excluded`` and ``.on_conflict_do_update``) and returns it with the conflict clause added. No rows
+    → no statement, ``[]``.
+    """
+    if not rows:
+        return []
+    names = list(rows[0].keys())
+    if is_postgres(conn):
+        derived, exprs = _unnest(table, names, rows, "v")
+        stmt: Any = postgresql.insert(table).from_select(
+            names, sa.select(*[exprs[n] for n in names]).select_from(derived)
+        )
+        if on_conflict is not None:
+            stmt = on_conflict(stmt)
+        if returning:
+            stmt = stmt.returning(*returning)
+            return list(conn.execute(stmt).all())
+        conn.execute(stmt)
+        return []
+    stmt = sqlite.insert(table)
+    if on_conflict is not None:
+        stmt = on_conflict(stmt)
+    if returning:
+        stmt = stmt.returning(*returning)
+        return list(conn.execute(stmt, [dict(r) for r in rows]).all())
+    conn.execute(stmt, [dict(r) for r in rows])
+    return []
+
+
+def update_many(
+    conn: sa.Connection,
+    table: sa.Table,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    key: str = "id",
+    where: sa.ColumnElement[bool] | None = None,
+    returning: Sequence[sa.Column[Any]] = (),
+) -> list[sa.Row[Any]]:
+    """Set, for each row, the given columns of the table row whose ``key`` equals ``row[key]`` (all rows
+    carry the same keys); ``where`` adds a condition (a compare-and-set guard such as "status is still
+    pending"). Returns the ``returning`` columns of the rows actually updated. One statement on Postgres;
+    one per 300 rows on SQLite. No rows → no statement."""
+    if not rows:
+        return []
+    names = [n for n in rows[0] if n != key]
+    out: list[sa.Row[Any]] = []
+    if is_postgres(conn):
+        derived, exprs = _unnest(table, [key, *names], rows, "v")
+        stmt: Any = (
+            sa.update(table).values({n: exprs[n] for n in names}).where(table.c[key] == derived.c[key])
+        )
+        if where is not None:
+            stmt = stmt.where(where)
+        if returning:
+            return list(conn.execute(stmt.returning(*returning)).all())
+        conn.execute(stmt)
+        return []
+    for start in range(0, len(rows), _SQLITE_UPDATE_CHUNK):
+        chunk = rows[start : start + _SQLITE_UPDATE_CHUNK]
+        keys = [row[key] for row in chunk]
+        values = {
+            n: sa.case(
+                {row[key]: sa.literal(row[n], type_=table.c[n].type) for row in chunk},
+                value=table.c[key],
+            )
+            for n in names
+        }
+        stmt = sa.update(table).values(values).where(table.c[key].in_(keys))
+        if where is not None:
+            stmt = stmt.where(where)
+        if returning:
+            out.extend(conn.execute(stmt.returning(*returning)).all())
+        else:
+            conn.execute(stmt)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- loaders
+
+
+@dataclass(frozen=True)
+class UserRow:
+    """A user with their settings (``has_settings`` False → the columns are ``None``) and Pro flag
+    (any subscription ``active``/``trialing``; the deployment mode is applied by the caller)."""
+
+    id: str
+    name: str | None
+    email: str | None
+    email_verified: bool
+    has_settings: bool
+    digest_interval_days: int | None
+    notes_per_digest: int | None
+    timezone: str | None
+    preferred_send_hour: int | None
+    has_pro_subscription: bool
+
+
+def load_user_batch(
+    conn: sa.Connection,
+    *,
+    after: str | None,
+    limit: int,
+    verified_only: bool = False,
+    only_user_id: str | None = None,
+) -> list[UserRow]:
+    """The next ``limit`` users with ``id > after`` (keyset pagination, ``None`` = from the start) ordered
+    by id, joined with their settings and Pro flag: one statement. ``verified_only`` keeps users with a
+    non-blank email and ``email_verified``; ``only_user_id`` restricts to that one user."""
+    u, s = t.user, t.user_settings
+    b = t.billing_subscriptions
+    pro = (
+        sa.select(sa.literal(1))
+        .where(b.c.user_id == u.c.id, b.c.status.in_(sorted(PRO_SUBSCRIPTION_STATUSES)))
+        .exists()
+    )
+    stmt = (
+        sa.select(
+            u.c.id,
+            u.c.name,
+            u.c.email,
+            u.c.email_verified,
+            s.c.user_id.is_not(None).label("has_settings"),
+            s.c.digest_interval_days,
+            s.c.notes_per_digest,
+            s.c.timezone,
+            s.c.preferred_send_hour,
+            pro.label("has_pro_subscription"),
+        )
+        .select_from(u.outerjoin(s, s.c.user_id == u.c.id))
+        .order_by(u.c.id)
+        .limit(limit)
+    )
+    if after is not None:
+        stmt = stmt.where(u.c.id > after)
+    if only_user_id is not None:
+        stmt = stmt.where(u.c.id == only_user_id)
+    if verified_only:
+        stmt = stmt.where(u.c.email_verified.is_(True), sa.func.length(sa.func.trim(u.c.email)) > 0)
+    return [
+        UserRow(
+            id=r.id,
+            name=r.name,
+            email=r.email,
+            email_verified=bool(r.email_verified),
+            has_settings=bool(r.has_settings),
+            digest_interval_days=r.digest_interval_days,
+            notes_per_digest=r.notes_per_digest,
+            timezone=r.timezone,
+            preferred_send_hour=r.preferred_send_hour,
+            has_pro_subscription=bool(r.has_pro_subscription),
+        )
+        for r in conn.execute(stmt).all()
+    ]
+
+
+@dataclass(frozen=True)
+class DigestRow:
+    id: int
+    user_id: str
+    status: str
+    scheduled_for: datetime | None
+    created_at: datetime
+    payload_json: Any
+    error_json: Any = None
+
+
+_DIGEST_COLUMNS = (
+    t.note_digests.c.id,
+    t.note_digests.c.user_id,
+    t.note_digests.c.status,
+    t.note_digests.c.scheduled_for,
+    t.note_digests.c.created_at,
+    t.note_digests.c.payload_json,
+    t.note_digests.c.error_json,
+)
+
+
+def _digest(r: Any) -> DigestRow:
+    return DigestRow(r.id, r.user_id, r.status, r.scheduled_for, r.created_at, r.payload_json, r.error_json)
+
+
+def load_latest_digests(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, DigestRow]:
+    """Each user's most recent digest by ``created_at`` (ties: highest id), via ``ROW_NUMBER()``: one
+    statement. Users without a digest are absent."""
+    if not user_ids:
+        return {}
+    d = t.note_digests
+    rn = (
+        sa.func.row_number()
+        .over(partition_by=d.c.user_id, order_by=(d.c.created_at.desc(), d.c.id.desc()))
+        .label("rn")
+    )
+    inner = sa.select(*_DIGEST_COLUMNS, rn).where(in_ids(conn, d.c.user_id, user_ids)).subquery()
+    stmt = sa.select(*[inner.c[c.name] for c in _DIGEST_COLUMNS]).where(inner.c.rn == 1)
+    return {r.user_id: _digest(r) for r in conn.execute(stmt).all()}
+
+
+def load_last_sends(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, datetime]:
+    """Newest ``sent_at`` of each user's ``sent`` digests (one ``GROUP BY``); never-sent users are
+    absent. A ``sent`` digest without ``sent_at`` falls back to its ``updated_at``."""
+    if not user_ids:
+        return {}
+    d = t.note_digests
+    stmt = (
+        sa.select(d.c.user_id, sa.func.max(sa.func.coalesce(d.c.sent_at, d.c.updated_at)).label("last"))
+        .where(in_ids(conn, d.c.user_id, user_ids), d.c.status == "sent")
+        .group_by(d.c.user_id)
+    )
+    return {r.user_id: r.last for r in conn.execute(stmt).all() if r.last is not None}
+
+
+def lock_pending_digests(conn: sa.Connection, user_ids: Sequence[str], now: datetime) -> list[DigestRow]:
+    """Every pending digest (``scheduled`` or ``failed``, ``scheduled_for`` ≤ ``now``) of these users, rows
+    locked ``FOR UPDATE`` in id order on Postgres until the transaction ends (a concurrent sender of the
+    same digests waits here, then sees them ``sent``/``skipped`` and gets nothing). One statement. SQLite
+    has no row locks: a plain read."""
+    if not user_ids:
+        return []
+    d = t.note_digests
+    stmt = (
+        sa.select(*_DIGEST_COLUMNS)
+        .where(
+            in_ids(conn, d.c.user_id, user_ids),
+            d.c.status.in_(PENDING_STATUSES),
+            d.c.scheduled_for <= now,
+        )
+        .order_by(d.c.id)
+        .with_for_update(of=d)
+    )
+    return [_digest(r) for r in conn.execute(stmt).all()]
+
+
+def _aware_timestamp(conn: sa.Connection, column: sa.Column[Any]) -> sa.ColumnElement[Any]:
+    """``column`` as psycopg hands it over on Postgres (already an aware datetime: skipping the
+    ``UTCDateTime`` result processor saves a Python call per value on large loads); on SQLite the
+    column itself, whose processor tags the stored naive UTC value as UTC."""
+    if is_postgres(conn):
+        return sa.type_coerce(column, sa.DateTime(timezone=True)).label(column.name)
+    return column
+
+
+def load_candidates(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, list[Candidate]]:
+    """Selection candidates per user: every non-deleted document of these users left-joined with its
+    review state (no state row → status ``new`` and null fields): one statement. Content and hashes are
+    not loaded (see :func:`load_content_hashes` for the selected ones). Users without documents get an
+    empty list."""
+    out: dict[str, list[Candidate]] = {uid: [] for uid in user_ids}
+    if not user_ids:
+        return out
+    doc, rs = t.documents, t.review_states
+    stmt = (
+        sa.select(
+            doc.c.id,
+            doc.c.user_id,
+            rs.c.status,
+            rs.c.priority_weight,
+            _aware_timestamp(conn, rs.c.deprioritized_until),
+            _aware_timestamp(conn, rs.c.next_due_at),
+            _aware_timestamp(conn, rs.c.last_sent_at),
+        )
+        .select_from(doc.outerjoin(rs, rs.c.document_id == doc.c.id))
+        .where(in_ids(conn, doc.c.user_id, user_ids), doc.c.deleted_at_source.is_(None))
+    )
+    for doc_id, user_id, status, weight, deprioritized, due, last_sent in conn.execute(stmt).all():
+        bucket = out.get(user_id)
+        if bucket is not None:
+            bucket.append(Candidate(doc_id, status or "new", weight, deprioritized, due, last_sent))
+    return out
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    """A digest item with what the email shows about its document."""
+
+    note_digest_id: int
+    document_id: int
+    position: int
+    title: str | None
+    content_ciphertext: str
+    content_iv: str
+    content_alg: str
+    content_key_version: int | None
+    source_kind: str | None
+    source_name: str | None
+
+
+def load_items(conn: sa.Connection, digest_ids: Sequence[int]) -> dict[int, list[ItemRow]]:
+    """Items of these digests in position order, each with its document's title and stored content and
+    its connection's kind and display name: two statements (the items; then their documents by primary
+    key). Two rather than one join because today's digests are newer than the table statistics: the
+    planner then misjudges how many items match and hash-joins the whole ``documents`` table, while a
+    primary-key lookup of known ids is always cheap. Digests without items are absent."""
+    if not digest_ids:
+        return {}
+    i, doc, c = t.note_digest_items, t.documents, t.integration_connections
+    items = conn.execute(
+        sa.select(i.c.note_digest_id, i.c.document_id, i.c.position)
+        .where(in_ids(conn, i.c.note_digest_id, digest_ids))
+        .order_by(i.c.note_digest_id, i.c.position, i.c.id)
+    ).all()
+    if not items:
+        return {}
+    docs = {
+        r.id: r
+        for r in conn.execute(
+            sa.select(
+                doc.c.id,
+                doc.c.title,
+                doc.c.content_ciphertext,
+                doc.c.content_iv,
+                doc.c.content_alg,
+                doc.c.content_key_version,
+                c.c.kind,
+                c.c.display_name,
+            )
+            .select_from(doc.outerjoin(c, c.c.id == doc.c.connection_id))
+            .where(in_ids(conn, doc.c.id, sorted({r.document_id for r in items})))
+        ).all()
+    }
+    out: dict[int, list[ItemRow]] = {}
+    for item in items:
+        d = docs.get(item.document_id)
+        if d is None:  # deleted between the two reads: its item row is gone too (cascade)
+            continue
+        out.setdefault(item.note_digest_id, []).append(
+            ItemRow(
+                note_digest_id=item.note_digest_id,
+                document_id=item.document_id,
+                position=item.position,
+                title=d.title,
+                content_ciphertext=d.content_ciphertext,
+                content_iv=d.content_iv,
+                content_alg=d.content_alg,
+                content_key_version=d.content_key_version,
+                source_kind=d.kind,
+                source_name=d.display_name,
+            )
+        )
+    return out
+
+
+def load_active_sources(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+    """Each user's most recently created ``active`` connection as ``(kind, display_name)``: one
+    statement (``ROW_NUMBER()``). Users without an active connection are absent."""
+    if not user_ids:
+        return {}
+    c = t.integration_connections
+    rn = (
+        sa.func.row_number()
+        .over(partition_by=c.c.user_id, order_by=(c.c.created_at.desc(), c.c.id.desc()))
+        .label("rn")
+    )
+    inner = (
+        sa.select(c.c.user_id, c.c.kind, c.c.display_name, rn)
+        .where(in_ids(conn, c.c.user_id, user_ids), c.c.status == "active")
+        .subquery()
+    )
+    stmt = sa.select(inner.c.user_id, inner.c.kind, inner.c.display_name).where(inner.c.rn == 1)
+    return {r.user_id: (r.kind, r.display_name) for r in conn.execute(stmt).all()}
+
+
+def load_document_counts(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, int]:
+    """Number of non-deleted documents per user (one ``GROUP BY``); users without any are absent."""
+    if not user_ids:
+        return {}
+    doc = t.documents
+    stmt = (
+        sa.select(doc.c.user_id, sa.func.count().label("n"))
+        .where(in_ids(conn, doc.c.user_id, user_ids), doc.c.deleted_at_source.is_(None))
+        .group_by(doc.c.user_id)
+    )
+    return {r.user_id: int(r.n) for r in conn.execute(stmt).all()}
+
+
+@dataclass(frozen=True)
+class ReviewRow:
+    document_id: int
+    interval_days: int | None
+
+
+def load_review_states(conn: sa.Connection, document_ids: Iterable[int]) -> dict[int, ReviewRow]:
+    """The review-state fields the send rescheduling reads, per document id (one statement)."""
+    ids = sorted(set(document_ids))
+    if not ids:
+        return {}
+    rs = t.review_states
+    stmt = sa.select(rs.c.document_id, rs.c.interval_days).where(in_ids(conn, rs.c.document_id, ids))
+    return {r.document_id: ReviewRow(r.document_id, r.interval_days) for r in conn.execute(stmt).all()}
+
+
+def load_content_hashes(conn: sa.Connection, document_ids: Iterable[int]) -> dict[int, str]:
+    """Current ``content_hash`` per document id (one statement)."""
+    ids = sorted(set(document_ids))
+    if not ids:
+        return {}
+    doc = t.documents
+    stmt = sa.select(doc.c.id, doc.c.content_hash).where(in_ids(conn, doc.c.id, ids))
+    return {r.id: r.content_hash for r in conn.execute(stmt).all()}
+
+
+def find_first_digest_users(conn: sa.Connection, now: datetime, limit: int) -> list[str]:
+    """Users with a verified, non-blank email, a ``scheduled`` digest with ``scheduled_for`` ≤ ``now`` and
+    no ``sent`` digest ever: at most ``limit``, newest pending digest (by ``updated_at``) first, so a
+    fresh seed digest is never starved by older ones whose runs already happened. One statement.
+    ``failed`` digests are left to the hourly job, which retries them at the user's send hour."""
+    d, u = t.note_digests, t.user
+    s = t.note_digests.alias("s")
+    sent = sa.select(sa.literal(1)).where(s.c.user_id == d.c.user_id, s.c.status == "sent").exists()
+    latest = sa.func.max(d.c.updated_at)
+    stmt = (
+        sa.select(d.c.user_id, latest.label("latest"))
+        .select_from(d.join(u, u.c.id == d.c.user_id))
+        .where(
+            d.c.status == "scheduled",
+            d.c.scheduled_for <= now,
+            u.c.email_verified.is_(True),
+            sa.func.length(sa.func.trim(u.c.email)) > 0,
+            ~sent,
+        )
+        .group_by(d.c.user_id)
+        .order_by(latest.desc(), d.c.user_id)
+        .limit(limit)
+    )
+    return [r.user_id for r in conn.execute(stmt).all()]
