@@ -1,0 +1,252 @@
+"""``dbb-orchestration demo``: a simulated day on the embedded default.
+
+A SQLite application database, an ephemeral Dagster instance (or ``--dagster-home``), and the fake
+Resend and fake Notion servers on 127.0.0.1. The world of :mod:`.world` is seeded once; then every
+hour of :data:`~.world.DAY` runs a partition of ``digest_hourly_job``, ticks ``first_digest_sensor``
+and ``email_sequence_sensor`` (at :05 and :35) and runs what they request, runs
+``upgrade_sequence_discover_job`` at :15, and ``notion_sync_weekly_job`` at 03:00 (a Sunday).
+``DBB_NOW`` pins each run's wall clock to the simulated time, so the day is the same on every run.
+
+Every email lands in the outbox as ``.html``, ``.txt`` and ``.eml``. Rerunning into the same work
+directory sends nothing twice: the database already records what went out.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import sqlalchemy as sa
+
+from dbb_orchestration.content import ContentKeyring
+from dbb_orchestration.db import create_db_engine, create_schema
+from dbb_orchestration.db import tables as t
+from dbb_orchestration.definitions import make_definitions
+from dbb_orchestration.demo.world import DAY, NotionAccount, seed_notion, seed_world
+from dbb_orchestration.testing.fake_notion import FakeNotion
+from dbb_orchestration.testing.fake_resend import FakeResend
+
+# A fixed demo key (never a real one): notes are stored encrypted like production.
+DEMO_KEY = base64.b64encode(b"dbb-demo-key-32-bytes-not-secret").decode()
+SENSOR_MINUTES = (5, 35)
+
+
+def demo_env(db_url: str) -> dict[str, str]:
+    """Settings every demo run shares (the fakes' URLs are added when they start)."""
+    return {
+        "DATABASE_URL": db_url,
+        "RESEND_API_KEY": "re_demo_local",
+        "RESEND_REPLY_TO": "hello@demo.dbb.test",
+        "FRONTEND_URL": "http://localhost:3000",
+        "CONTENT_ENCRYPTION_KEY": DEMO_KEY,
+        "EMAIL_RATE_LIMIT_PER_SECOND": "0",
+        "EMAIL_MAX_CONCURRENCY": "1",  # one at a time: the outbox numbering is the same on every run
+        "NOTION_REQUESTS_PER_SECOND": "0",
+        "NOTION_CONNECTION_PAUSE_SECONDS": "0",
+    }
+
+
+@dataclass
+class DayLog:
+    hours: dict[int, Counter[str]] = field(default_factory=lambda: defaultdict(Counter))
+    runs: Counter[str] = field(default_factory=Counter)
+    failed_runs: list[str] = field(default_factory=list)
+    notion: dict[str, Any] = field(default_factory=dict)
+
+
+def _output_metadata(result: dg.ExecuteInProcessResult, step_key: str) -> dict[str, Any]:
+    for event in result.all_events:
+        if event.event_type_value == "STEP_OUTPUT" and event.step_key == step_key:
+            data: Any = event.event_specific_data
+            return {k: v.value for k, v in (data.metadata or {}).items()}
+    return {}
+
+
+class Simulation:
+    def __init__(self, base_env: dict[str, str], instance: dg.DagsterInstance, log: DayLog) -> None:
+        self.base_env = base_env
+        self.instance = instance
+        self.log = log
+        self.cursors: dict[str, str | None] = {}
+        self.log_level = "ERROR"
+
+    def defs_at(self, when: datetime) -> dg.Definitions:
+        return make_definitions({**self.base_env, "DBB_NOW": when.isoformat()})
+
+    def run(self, defs: dg.Definitions, job_name: str, **kwargs: Any) -> dg.ExecuteInProcessResult:
+        run_config = dict(kwargs.pop("run_config", None) or {})
+        run_config["loggers"] = {"console": {"config": {"log_level": self.log_level}}}
+        result = defs.get_job_def(job_name).execute_in_process(
+            instance=self.instance, raise_on_error=False, run_config=run_config, **kwargs
+        )
+        self.log.runs[job_name] += 1
+        if not result.success:
+            self.log.failed_runs.append(f"{job_name} {kwargs.get('partition_key') or ''} {result.run_id}")
+        return result
+
+    def hourly(self, hour: int) -> None:
+        when = DAY + timedelta(hours=hour)
+        result = self.run(self.defs_at(when), "digest_hourly_job", partition_key=when.strftime("%Y-%m-%d-%H:%M"))
+        gen = _output_metadata(result, "generate_digests")
+        send = _output_metadata(result, "send_digests")
+        counts = self.log.hours[hour]
+        counts["created"] += int(gen.get("digests_created", 0) or 0)
+        counts["due"] += int(send.get("due", 0) or 0)
+        counts["sent"] += int(send.get("sent", 0) or 0)
+        counts["failed"] += int(send.get("failed", 0) or 0)
+        counts["skipped"] += sum((send.get("skipped_by_reason") or {}).values())
+
+    def tick(self, sensor_name: str, when: datetime, hour: int) -> None:
+        defs = self.defs_at(when)
+        sensor = defs.get_sensor_def(sensor_name)
+        with dg.build_sensor_context(
+            instance=self.instance, resources=defs.resources, cursor=self.cursors.get(sensor_name)
+        ) as context:
+            data = sensor.evaluate_tick(context)
+        self.cursors[sensor_name] = data.cursor if data.cursor is not None else self.cursors.get(sensor_name)
+        for request in data.run_requests or []:
+            tags = {**(request.tags or {}), "dagster/run_key": request.run_key or "", "dagster/sensor_name": sensor_name}
+            existing = self.instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": request.run_key or ""}))
+            if request.run_key and existing:
+                continue  # Dagster launches a run key once; so does the simulation
+            job = request.job_name or sensor.job_name
+            result = self.run(defs, job, run_config=request.run_config, tags=tags)
+            if sensor_name == "first_digest_sensor":
+                self.log.hours[hour]["first"] += int(_output_metadata(result, "send_digest_for_user").get("sent", 0) or 0)
+
+    def discovery(self, when: datetime) -> None:
+        config = {"ops": {"upgrade_sequence_discover": {"config": {"entered_at": when.isoformat()}}}}
+        self.run(self.defs_at(when), "upgrade_sequence_discover_job", run_config=config)
+
+    def notion_sync(self, when: datetime) -> None:
+        result = self.run(self.defs_at(when), "notion_sync_weekly_job")
+        self.log.notion = _output_metadata(result, "notion_sync_summary")
+
+    def day(self) -> None:
+        for hour in range(24):
+            start = DAY + timedelta(hours=hour)
+            if hour == 3:
+                self.notion_sync(start)
+            self.hourly(hour)
+            for minute in SENSOR_MINUTES:
+                if minute == 35:
+                    self.discovery(start + timedelta(minutes=15))
+                for sensor in ("first_digest_sensor", "email_sequence_sensor"):
+                    self.tick(sensor, start + timedelta(minutes=minute), hour)
+
+
+def _notion_accounts(engine: sa.Engine) -> list[NotionAccount]:
+    """Rebuild the Notion accounts of an existing demo database (the fake starts empty every time)."""
+    query = (
+        sa.select(t.account.c.user_id, t.account.c.access_token, t.integration_scope_items.c.scope_value)
+        .join(t.integration_connections, t.integration_connections.c.account_external_id == t.account.c.account_id)
+        .join(t.integration_scope_items, t.integration_scope_items.c.connection_id == t.integration_connections.c.id)
+        .where(t.account.c.provider_id == "notion")
+        .order_by(t.account.c.user_id)
+    )
+    with engine.connect() as conn:
+        return [NotionAccount(u, tok, db) for u, tok, db in conn.execute(query).all()]
+
+
+def sequence_summary(engine: sa.Engine) -> dict[str, Counter[str]]:
+    day_end = DAY + timedelta(days=1)
+    out: dict[str, Counter[str]] = defaultdict(Counter)
+    with engine.connect() as conn:
+        sends = conn.execute(
+            sa.select(t.email_sends.c.sequence_name, sa.func.count())
+            .where(t.email_sends.c.sent_at >= DAY, t.email_sends.c.sent_at < day_end)
+            .group_by(t.email_sends.c.sequence_name)
+        ).all()
+        for name, count in sends:
+            out[str(name)]["steps sent"] += count
+        ends = conn.execute(
+            sa.select(t.email_sequence_states.c.sequence_name, t.email_sequence_states.c.status,
+                      t.email_sequence_states.c.exit_reason, sa.func.count())
+            .where(t.email_sequence_states.c.completed_at >= DAY, t.email_sequence_states.c.completed_at < day_end)
+            .group_by(t.email_sequence_states.c.sequence_name, t.email_sequence_states.c.status,
+                      t.email_sequence_states.c.exit_reason)
+        ).all()
+        for name, status, reason, count in ends:
+            label = f"exited ({reason})" if status == "exited" else str(status)
+            out[str(name)][label] += count
+        enrolled = conn.execute(
+            sa.select(sa.func.count()).select_from(t.email_sequence_states).where(
+                t.email_sequence_states.c.sequence_name == "upgrade",
+                t.email_sequence_states.c.entered_at >= DAY, t.email_sequence_states.c.entered_at < day_end)
+        ).scalar_one()
+        if enrolled:
+            out["upgrade"]["enrolled today"] += enrolled
+    return out
+
+
+def render_table(log: DayLog, sequences: dict[str, Counter[str]], outbox: Path, emails: int, seconds: float) -> str:
+    lines = [f"Simulated day {DAY.date()} (UTC)", "", "hour  created  due  sent  first  skipped  failed"]
+    for hour in range(24):
+        c = log.hours[hour]
+        lines.append(f"{hour:02d}:00 {c['created']:8d} {c['due']:4d} {c['sent']:5d} {c['first']:6d} "
+                     f"{c['skipped']:8d} {c['failed']:7d}")
+    total = Counter[str]()
+    for c in log.hours.values():
+        total.update(c)
+    lines.append(f"total {total['created']:8d} {total['due']:4d} {total['sent']:5d} {total['first']:6d} "
+                 f"{total['skipped']:8d} {total['failed']:7d}")
+    lines += ["", "sequence     what"]
+    for name in ("welcome", "onboarding", "upgrade"):
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(sequences.get(name, Counter()).items())) or "nothing"
+        lines.append(f"{name:12s} {parts}")
+    if log.notion:
+        keys = ("connections_synced", "connections_failed", "documents_accepted", "pages_visited")
+        lines += ["", "notion sync  " + ", ".join(f"{k}: {log.notion[k]}" for k in keys if k in log.notion)]
+    lines += ["", f"runs: {dict(sorted(log.runs.items()))}"]
+    if log.failed_runs:
+        lines.append(f"failed runs: {log.failed_runs}")
+    lines.append(f"{emails} emails written to {outbox}/ in {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def run_demo(*, workdir: str | Path, outbox: str | Path, quiet: bool = False,
+             dagster_home: str | Path | None = None) -> int:
+    started = time.monotonic()
+    warnings.filterwarnings("ignore", category=UserWarning, module="dagster")
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    workdir, outbox = Path(workdir), Path(outbox)
+    workdir.mkdir(parents=True, exist_ok=True)
+    outbox.mkdir(parents=True, exist_ok=True)
+    db_path = workdir / "dbb.sqlite"
+    fresh = not db_path.exists()
+    db_url = f"sqlite:///{db_path.resolve()}"
+    engine = create_db_engine(db_url)
+    if fresh:
+        create_schema(engine)
+        with engine.begin() as conn:
+            seed_world(conn, ContentKeyring.from_env({"CONTENT_ENCRYPTION_KEY": DEMO_KEY}))
+    accounts = _notion_accounts(engine)
+    before = len(list(outbox.glob("*.eml")))
+    with FakeResend(outbox_dir=outbox) as resend_fake, FakeNotion() as notion_fake:
+        seed_notion(notion_fake, accounts)
+        env = {**demo_env(db_url), "RESEND_API_URL": resend_fake.base_url, "NOTION_API_URL": notion_fake.base_url}
+        log = DayLog()
+        if dagster_home is not None:
+            Path(dagster_home).mkdir(parents=True, exist_ok=True)
+            instance_cm = dg.DagsterInstance.from_config(str(Path(dagster_home).resolve()))
+        else:
+            instance_cm = dg.DagsterInstance.ephemeral()
+        with instance_cm as instance:
+            Simulation(env, instance, log).day()
+        emails = len(resend_fake.sent)
+        resend_fake.raise_server_errors()
+        notion_fake.raise_server_errors()
+    table = render_table(log, sequence_summary(engine), outbox, emails, time.monotonic() - started)
+    engine.dispose()
+    if not quiet:
+        print(table)
+        if not fresh:
+            print(f"(reran on the existing {db_path}: {len(list(outbox.glob('*.eml'))) - before} new emails)")
+    return 1 if log.failed_runs else 0
