@@ -121,13 +121,14 @@ def in_cooldown(last_sent_at: datetime | None, now: datetime) -> bool:
 # ------------------------------------------------------------------------------------------ seeded rank
 
 
-def fnv1a_32(text: str) -> int:
+def fnv1a_32(text: str, state: int = FNV_OFFSET_BASIS) -> int:
     """32-bit FNV-1a over the UTF-16 code units of ``text`` (as JavaScript's ``charCodeAt`` sees them).
 
     Characters outside the BMP count as their surrogate pair; a lone surrogate counts as itself. For ASCII
-    this equals FNV-1a over the bytes.
+    this equals FNV-1a over the bytes. ``state`` continues a hash: ``fnv1a_32(b, fnv1a_32(a)) ==
+    fnv1a_32(a + b)``, so a shared prefix is hashed once.
     """
-    h = FNV_OFFSET_BASIS
+    h = state
     for char in text:
         code = ord(char)
         if code > 0xFFFF:
@@ -147,7 +148,8 @@ def seeded_rank(seed: str, document_ids: list[int] | tuple[int, ...]) -> dict[in
     Duplicate ids get one entry.
     """
     unique = set(document_ids)
-    ordered = sorted(unique, key=lambda doc_id: (fnv1a_32(f"{seed}:{doc_id}"), doc_id))
+    prefix = fnv1a_32(f"{seed}:")  # hashed once per seed: the ids only continue it
+    ordered = sorted(unique, key=lambda doc_id: (fnv1a_32(str(doc_id), prefix), doc_id))
     return {doc_id: rank for rank, doc_id in enumerate(ordered)}
 
 

@@ -346,3 +346,8 @@ def test_nan_is_not_a_valid_score_anywhere() -> None:
     result = select_notes([Candidate(1, priority_weight=float("nan"), next_due_at=NOW - DAY)], 1, NOW)
     assert not math.isnan(result.items[0].score)
     assert result.items[0].score == pytest.approx(10.3)
+
+
+def test_fnv1a_continues_from_a_prefix_state() -> None:
+    for a, b in [("user_1:2026-02-08T00:00:00.000Z:", "42"), ("", "x"), ("é😀", "1")]:
+        assert fnv1a_32(b, fnv1a_32(a)) == fnv1a_32(a + b)
