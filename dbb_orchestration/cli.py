@@ -43,7 +43,9 @@ def cmd_check_schema(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dbb_orchestration.demo import run_demo
 
-    return run_demo(workdir=args.workdir, outbox=args.outbox, quiet=args.quiet, dagster_home=args.dagster_home)
+    return run_demo(
+        workdir=args.workdir, outbox=args.outbox, quiet=args.quiet, dagster_home=args.dagster_home
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=".dbb_demo", help="where the demo database lives (default .dbb_demo)")
     p.add_argument("--outbox", default="outbox", help="where emails are written (default ./outbox)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--dagster-home", help="keep the runs in this Dagster instance (for `./dev ui`); default ephemeral")
+    p.add_argument(
+        "--dagster-home", help="keep the runs in this Dagster instance (for `./dev ui`); default ephemeral"
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

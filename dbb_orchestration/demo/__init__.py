@@ -93,7 +93,9 @@ class Simulation:
 
     def hourly(self, hour: int) -> None:
         when = DAY + timedelta(hours=hour)
-        result = self.run(self.defs_at(when), "digest_hourly_job", partition_key=when.strftime("%Y-%m-%d-%H:%M"))
+        result = self.run(
+            self.defs_at(when), "digest_hourly_job", partition_key=when.strftime("%Y-%m-%d-%H:%M")
+        )
         gen = _output_metadata(result, "generate_digests")
         send = _output_metadata(result, "send_digests")
         counts = self.log.hours[hour]
@@ -112,14 +114,22 @@ class Simulation:
             data = sensor.evaluate_tick(context)
         self.cursors[sensor_name] = data.cursor if data.cursor is not None else self.cursors.get(sensor_name)
         for request in data.run_requests or []:
-            tags = {**(request.tags or {}), "dagster/run_key": request.run_key or "", "dagster/sensor_name": sensor_name}
-            existing = self.instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": request.run_key or ""}))
+            tags = {
+                **(request.tags or {}),
+                "dagster/run_key": request.run_key or "",
+                "dagster/sensor_name": sensor_name,
+            }
+            existing = self.instance.get_runs(
+                filters=dg.RunsFilter(tags={"dagster/run_key": request.run_key or ""})
+            )
             if request.run_key and existing:
                 continue  # Dagster launches a run key once; so does the simulation
-            job = request.job_name or sensor.job_name
+            job = str(request.job_name or sensor.job_name)
             result = self.run(defs, job, run_config=request.run_config, tags=tags)
             if sensor_name == "first_digest_sensor":
-                self.log.hours[hour]["first"] += int(_output_metadata(result, "send_digest_for_user").get("sent", 0) or 0)
+                self.log.hours[hour]["first"] += int(
+                    _output_metadata(result, "send_digest_for_user").get("sent", 0) or 0
+                )
 
     def discovery(self, when: datetime) -> None:
         config = {"ops": {"upgrade_sequence_discover": {"config": {"entered_at": when.isoformat()}}}}
@@ -146,8 +156,14 @@ def _notion_accounts(engine: sa.Engine) -> list[NotionAccount]:
     """Rebuild the Notion accounts of an existing demo database (the fake starts empty every time)."""
     query = (
         sa.select(t.account.c.user_id, t.account.c.access_token, t.integration_scope_items.c.scope_value)
-        .join(t.integration_connections, t.integration_connections.c.account_external_id == t.account.c.account_id)
-        .join(t.integration_scope_items, t.integration_scope_items.c.connection_id == t.integration_connections.c.id)
+        .join(
+            t.integration_connections,
+            t.integration_connections.c.account_external_id == t.account.c.account_id,
+        )
+        .join(
+            t.integration_scope_items,
+            t.integration_scope_items.c.connection_id == t.integration_connections.c.id,
+        )
         .where(t.account.c.provider_id == "notion")
         .order_by(t.account.c.user_id)
     )
@@ -167,36 +183,56 @@ def sequence_summary(engine: sa.Engine) -> dict[str, Counter[str]]:
         for name, count in sends:
             out[str(name)]["steps sent"] += count
         ends = conn.execute(
-            sa.select(t.email_sequence_states.c.sequence_name, t.email_sequence_states.c.status,
-                      t.email_sequence_states.c.exit_reason, sa.func.count())
-            .where(t.email_sequence_states.c.completed_at >= DAY, t.email_sequence_states.c.completed_at < day_end)
-            .group_by(t.email_sequence_states.c.sequence_name, t.email_sequence_states.c.status,
-                      t.email_sequence_states.c.exit_reason)
+            sa.select(
+                t.email_sequence_states.c.sequence_name,
+                t.email_sequence_states.c.status,
+                t.email_sequence_states.c.exit_reason,
+                sa.func.count(),
+            )
+            .where(
+                t.email_sequence_states.c.completed_at >= DAY,
+                t.email_sequence_states.c.completed_at < day_end,
+            )
+            .group_by(
+                t.email_sequence_states.c.sequence_name,
+                t.email_sequence_states.c.status,
+                t.email_sequence_states.c.exit_reason,
+            )
         ).all()
         for name, status, reason, count in ends:
             label = f"exited ({reason})" if status == "exited" else str(status)
             out[str(name)][label] += count
         enrolled = conn.execute(
-            sa.select(sa.func.count()).select_from(t.email_sequence_states).where(
+            sa.select(sa.func.count())
+            .select_from(t.email_sequence_states)
+            .where(
                 t.email_sequence_states.c.sequence_name == "upgrade",
-                t.email_sequence_states.c.entered_at >= DAY, t.email_sequence_states.c.entered_at < day_end)
+                t.email_sequence_states.c.entered_at >= DAY,
+                t.email_sequence_states.c.entered_at < day_end,
+            )
         ).scalar_one()
         if enrolled:
             out["upgrade"]["enrolled today"] += enrolled
     return out
 
 
-def render_table(log: DayLog, sequences: dict[str, Counter[str]], outbox: Path, emails: int, seconds: float) -> str:
+def render_table(
+    log: DayLog, sequences: dict[str, Counter[str]], outbox: Path, emails: int, seconds: float
+) -> str:
     lines = [f"Simulated day {DAY.date()} (UTC)", "", "hour  created  due  sent  first  skipped  failed"]
     for hour in range(24):
         c = log.hours[hour]
-        lines.append(f"{hour:02d}:00 {c['created']:8d} {c['due']:4d} {c['sent']:5d} {c['first']:6d} "
-                     f"{c['skipped']:8d} {c['failed']:7d}")
+        lines.append(
+            f"{hour:02d}:00 {c['created']:8d} {c['due']:4d} {c['sent']:5d} {c['first']:6d} "
+            f"{c['skipped']:8d} {c['failed']:7d}"
+        )
     total = Counter[str]()
     for c in log.hours.values():
         total.update(c)
-    lines.append(f"total {total['created']:8d} {total['due']:4d} {total['sent']:5d} {total['first']:6d} "
-                 f"{total['skipped']:8d} {total['failed']:7d}")
+    lines.append(
+        f"total {total['created']:8d} {total['due']:4d} {total['sent']:5d} {total['first']:6d} "
+        f"{total['skipped']:8d} {total['failed']:7d}"
+    )
     lines += ["", "sequence     what"]
     for name in ("welcome", "onboarding", "upgrade"):
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(sequences.get(name, Counter()).items())) or "nothing"
@@ -211,8 +247,9 @@ def render_table(log: DayLog, sequences: dict[str, Counter[str]], outbox: Path, 
     return "\n".join(lines)
 
 
-def run_demo(*, workdir: str | Path, outbox: str | Path, quiet: bool = False,
-             dagster_home: str | Path | None = None) -> int:
+def run_demo(
+    *, workdir: str | Path, outbox: str | Path, quiet: bool = False, dagster_home: str | Path | None = None
+) -> int:
     started = time.monotonic()
     warnings.filterwarnings("ignore", category=UserWarning, module="dagster")
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
@@ -231,7 +268,11 @@ def run_demo(*, workdir: str | Path, outbox: str | Path, quiet: bool = False,
     before = len(list(outbox.glob("*.eml")))
     with FakeResend(outbox_dir=outbox) as resend_fake, FakeNotion() as notion_fake:
         seed_notion(notion_fake, accounts)
-        env = {**demo_env(db_url), "RESEND_API_URL": resend_fake.base_url, "NOTION_API_URL": notion_fake.base_url}
+        env = {
+            **demo_env(db_url),
+            "RESEND_API_URL": resend_fake.base_url,
+            "NOTION_API_URL": notion_fake.base_url,
+        }
         log = DayLog()
         if dagster_home is not None:
             Path(dagster_home).mkdir(parents=True, exist_ok=True)
