@@ -11,8 +11,9 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbb_orchestration.content import ContentKeyring, encode_content
+from dbb_orchestration.content import ContentKeyring
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.notion_sync.ingest import document_row
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -160,29 +161,21 @@ def document(
     last_synced_at: datetime | None = None,
     deleted_at_source: datetime | None = None,
 ) -> int:
-    encoded = encode_content(markdown, keyring or ContentKeyring.empty())
-    return int(
-        _insert(
-            conn,
-            t.documents,
-            {
-                "user_id": user_id,
-                "connection_id": connection_id,
-                "external_id": external_id,
-                "title": title,
-                "content_ciphertext": encoded.ciphertext,
-                "content_iv": encoded.iv,
-                "content_alg": encoded.alg,
-                "content_key_version": encoded.key_version,
-                "content_hash": encoded.content_hash,
-                "content_size_bytes": encoded.size_bytes,
-                "created_at_source": updated_at_source,
-                "updated_at_source": updated_at_source,
-                "deleted_at_source": deleted_at_source,
-                "last_synced_at": last_synced_at or updated_at_source,
-            },
-        )
+    row = document_row(
+        user_id=user_id,
+        connection_id=connection_id,
+        external_id=external_id,
+        title=title,  # type: ignore[arg-type]  # the backend allows a NULL title
+        markdown=markdown,
+        keyring=keyring or ContentKeyring.empty(),
+        metadata={},
+        created_at_source=updated_at_source,
+        updated_at_source=updated_at_source,
+        deleted_at_source=deleted_at_source,
+        now=last_synced_at or updated_at_source,
     )
+    row["metadata_json"] = None
+    return int(_insert(conn, t.documents, row))
 
 
 def review_state(conn: sa.Connection, document_id: int, user_id: str, **fields: Any) -> int:
