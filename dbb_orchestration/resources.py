@@ -15,7 +15,7 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
-from dbb_orchestration.config import Settings
+from dbb_orchestration.config import Settings, SettingsError
 from dbb_orchestration.db.engine import shared_engine
 from dbb_orchestration.email.sender import DryRunSender, EmailSender, ResendSender
 from dbb_orchestration.ratelimit import RateLimiter
@@ -66,3 +66,11 @@ class EmailResource(dg.ConfigurableResource):
             reply_to=settings.resend_reply_to,
             rate_limiter=RateLimiter(settings.email_rate_limit_per_second),
         )
+
+    def sender_for_op(self, *, dry_run: bool) -> EmailSender:
+        """:meth:`sender` for an op: a missing ``RESEND_API_KEY`` fails the op at once (no retries),
+        naming the variable, before any work is done."""
+        try:
+            return self.sender(dry_run=dry_run)
+        except SettingsError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc

@@ -23,7 +23,6 @@ from typing import cast
 import dagster as dg
 from pydantic import Field
 
-from dbb_orchestration.config import SettingsError
 from dbb_orchestration.digests.generate import generate_digests
 from dbb_orchestration.digests.queries import find_first_digest_users
 from dbb_orchestration.digests.send import SendReport, send_due_digests
@@ -114,10 +113,7 @@ def send_digests_op(
     email: EmailResource,
 ) -> dg.Output[int]:
     s = settings.get()
-    try:
-        sender = email.sender(dry_run=s.digest_email_dry_run)  # a missing RESEND_API_KEY fails here
-    except SettingsError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    sender = email.sender_for_op(dry_run=s.digest_email_dry_run)  # a missing RESEND_API_KEY fails here
     now = partition_start(context)
     report = send_due_digests(database.engine, sender, s, now, clock=s.now)
     context.log.info(f"digest sending for {now.isoformat()}: {_summary(report)}")
@@ -166,10 +162,7 @@ def send_digest_for_user(
     email: EmailResource,
 ) -> dg.Output[int]:
     s = settings.get()
-    try:
-        sender = email.sender(dry_run=s.digest_email_dry_run)
-    except SettingsError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    sender = email.sender_for_op(dry_run=s.digest_email_dry_run)  # a missing RESEND_API_KEY fails here
     report = send_due_digests(
         database.engine,
         sender,

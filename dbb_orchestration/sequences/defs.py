@@ -19,7 +19,6 @@ from datetime import UTC, datetime
 import dagster as dg
 from pydantic import Field
 
-from dbb_orchestration.config import SettingsError
 from dbb_orchestration.operations.failure_sensor import scrub
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
 from dbb_orchestration.sequences.discover import discover_upgrade_candidates
@@ -80,10 +79,7 @@ def email_sequence_step(
     if not s.billing_enabled:
         context.log.info(f"sequence step state_id={ref.state_id}: {SELF_HOSTED_SKIP}")
         return dg.Output("disabled", metadata={"outcome": "disabled", "state_id": ref.state_id})
-    try:
-        sender = email.sender(dry_run=s.sequence_email_dry_run)  # a missing RESEND_API_KEY fails here, first
-    except SettingsError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    sender = email.sender_for_op(dry_run=s.sequence_email_dry_run)  # a missing RESEND_API_KEY fails here
     try:
         result = process_step(
             database.engine,
