@@ -17,6 +17,8 @@ import pytest
 import sqlalchemy as sa
 
 from dbb_orchestration.db import create_db_engine, create_schema
+from dbb_orchestration.email.sender import ResendSender
+from dbb_orchestration.testing.fake_resend import FakeResend
 
 BACKEND_DDL = Path(__file__).with_name("backend_schema.sql")
 PG_ENV = "DBB_TEST_POSTGRES_URL"
@@ -97,3 +99,25 @@ def engine(db_url: str) -> Iterator[sa.Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+SENDER_FROM = "Daily Brain Bits <digest@dbb.notionist.app>"
+
+
+@pytest.fixture
+def fake_resend() -> Iterator[FakeResend]:
+    """The loopback fake Resend; a bug inside the fake fails the test."""
+    with FakeResend() as fake:
+        yield fake
+    fake.raise_server_errors()
+
+
+def resend_sender(fake: FakeResend) -> ResendSender:
+    """The real Resend sender (real SDK, over HTTP) pointed at the fake; retries without sleeping."""
+    return ResendSender(
+        api_key="re_test",
+        api_url=fake.base_url,
+        from_address=SENDER_FROM,
+        base_delay=0.001,
+        sleep=lambda _s: None,
+    )

@@ -46,13 +46,6 @@ def app_url(db_url: str) -> Iterator[str]:
     shared_engine(db_url).dispose()
 
 
-@pytest.fixture
-def fake_resend() -> Iterator[FakeResend]:
-    with FakeResend() as fake:
-        yield fake
-    fake.raise_server_errors()
-
-
 def env(url: str, fake: FakeResend | None = None, **extra: str) -> dict[str, str]:
     values = {
         "DATABASE_URL": url,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,6 +17,7 @@ from dbb_orchestration.digests.send import SendReport, send_due_digests
 from dbb_orchestration.email.sender import OutgoingEmail, ResendSender, SendResult
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
+from dbb_orchestration_tests.conftest import resend_sender
 from dbb_orchestration_tests.digests.test_generate import settings_for
 
 NOW = datetime(2026, 2, 8, 8, 0, tzinfo=UTC)
@@ -27,23 +27,6 @@ KEYRING = ContentKeyring.from_keys({1: bytes(range(32))})
 
 def clock() -> datetime:
     return NOW + timedelta(seconds=30)
-
-
-@pytest.fixture
-def fake_resend() -> Iterator[FakeResend]:
-    with FakeResend() as fake:
-        yield fake
-    fake.raise_server_errors()
-
-
-def resend_sender(fake: FakeResend) -> ResendSender:
-    return ResendSender(
-        api_key="re_test",
-        api_url=fake.base_url,
-        from_address="digest@dbb.notionist.app",
-        base_delay=0.001,
-        sleep=lambda _s: None,
-    )
 
 
 def user_with_pending(conn: sa.Connection, uid: str, notes: int = 2) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -13,9 +12,10 @@ from dbb_orchestration.content import ContentKeyring
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.digests.send import SUPERSEDED, send_due_digests
-from dbb_orchestration.email.sender import DryRunSender, RecordingSender, ResendSender
+from dbb_orchestration.email.sender import DryRunSender, RecordingSender
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
+from dbb_orchestration_tests.conftest import resend_sender
 from dbb_orchestration_tests.digests.test_generate import count_statements, digests, settings_for
 
 NOW = datetime(2026, 2, 8, 8, 0, tzinfo=UTC)  # Sunday 08:00 UTC: the send hour of UTC users
@@ -309,23 +309,6 @@ def test_sending_statements_do_not_grow_with_users(engine: sa.Engine) -> None:
 
 
 # -------------------------------------------------------------------------- through HTTP and the SDK
-
-
-@pytest.fixture
-def fake_resend() -> Iterator[FakeResend]:
-    with FakeResend() as fake:
-        yield fake
-    fake.raise_server_errors()
-
-
-def resend_sender(fake: FakeResend) -> ResendSender:
-    return ResendSender(
-        api_key="re_test",
-        api_url=fake.base_url,
-        from_address="Daily Brain Bits <digest@dbb.notionist.app>",
-        base_delay=0.001,
-        sleep=lambda _s: None,
-    )
 
 
 def test_http_retries_429_and_500_then_records_the_provider_id(

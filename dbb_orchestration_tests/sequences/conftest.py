@@ -11,23 +11,10 @@ import pytest
 import sqlalchemy as sa
 
 from dbb_orchestration.db.engine import shared_engine
-from dbb_orchestration.email.sender import ResendSender
-from dbb_orchestration.testing import FakeResend
+from dbb_orchestration_tests.conftest import SENDER_FROM
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
-FROM = "Daily Brain Bits <digest@dbb.notionist.app>"
-
-
-@pytest.fixture
-def fake_resend() -> Iterator[FakeResend]:
-    with FakeResend() as server:
-        yield server
-    server.raise_server_errors()
-
-
-def resend_sender(fake: FakeResend) -> ResendSender:
-    """The real Resend sender (real SDK, over HTTP) pointed at the fake; retries without sleeping."""
-    return ResendSender(api_key="re_test", api_url=fake.base_url, from_address=FROM, sleep=lambda _s: None)
+FROM = SENDER_FROM
 
 
 class StatementCounter:

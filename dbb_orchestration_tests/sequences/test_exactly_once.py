@@ -20,7 +20,8 @@ from dbb_orchestration.sequences.due import evaluate_tick
 from dbb_orchestration.sequences.process import StepOutcome, StepRef, StepSendFailed, process_step
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
-from dbb_orchestration_tests.sequences.conftest import FROM, NOW, resend_sender
+from dbb_orchestration_tests.conftest import resend_sender
+from dbb_orchestration_tests.sequences.conftest import FROM, NOW
 
 FRONTEND = "https://app.example.test"
 THREADS = 20

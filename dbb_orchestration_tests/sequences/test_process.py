@@ -21,7 +21,8 @@ from dbb_orchestration.sequences.process import (
 )
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
-from dbb_orchestration_tests.sequences.conftest import NOW, count_statements, resend_sender
+from dbb_orchestration_tests.conftest import resend_sender
+from dbb_orchestration_tests.sequences.conftest import NOW, count_statements
 
 FRONTEND = "https://app.example.test"
 
