@@ -53,7 +53,9 @@ MAX_KEY_VERSION = 10
 _KEY_ENV = "CONTENT_ENCRYPTION_KEY"
 _VERSIONED_KEY_ENV = re.compile(r"^CONTENT_ENCRYPTION_KEY_V\d+$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n|\Z)")
+# A JavaScript multiline ``$`` (the backend's ``/[\t ]+$/gm``) matches before every line terminator
+# ECMAScript knows — LF, CR, U+2028, U+2029 — and at the end of the text.
+_TRAILING_BLANKS = re.compile(r"[ \t]+(?=[\n\r\u2028\u2029]|\Z)")
 _EXTRA_NEWLINES = re.compile(r"\n{3,}")
 _MAX_DETAIL = 32
 
@@ -212,9 +214,12 @@ class DecodedContent:
 
 
 def normalize_markdown(markdown: str) -> str:
-    """The form hashed by :func:`content_hash`: CRLF and lone CR → LF, then spaces and tabs at the end
-    of every line removed, then every run of 3 or more newlines replaced by exactly 2. Nothing else
-    changes (no trimming of leading blanks or of the whole text)."""
+    """The form hashed by :func:`content_hash`, exactly the backend's: CRLF and lone CR → LF, then spaces
+    and tabs at the end of every line removed, then every run of 3 or more newlines replaced by exactly 2.
+    A line ends where a JavaScript multiline regex says it does: at LF, and also at U+2028 (line
+    separator) and U+2029 (paragraph separator), so ``"x \u2028y"`` becomes ``"x\u2028y"``; those two
+    characters themselves are kept and do not count as newlines for the collapsing. Nothing else changes
+    (no trimming of leading blanks or of the whole text)."""
     text = markdown.replace("\r\n", "\n").replace("\r", "\n")
     text = _TRAILING_BLANKS.sub("", text)
     return _EXTRA_NEWLINES.sub("\n\n", text)
