@@ -9,8 +9,9 @@ Notion gave none) and the stored row, if any, whose *newest time* is the later o
 * upsert (:func:`decide_upsert`): no row → ``insert``; ``t`` older than the newest time → ``stale``;
   ``t`` equal to it and the row deleted → ``stale``; equal and the same content hash → ``unchanged``;
   anything else → ``update`` (which clears ``deleted_at_source``);
-* delete (:func:`decide_delete`, an archived or trashed page): no row → ``tombstone`` (a deleted row
-  is inserted so an older copy cannot resurrect it); ``t`` older than the newest time → ``stale``; row
+* delete (:func:`decide_delete`, an archived or trashed page): no row → ``archived`` (nothing is
+  written: like the backend, a page this location never stored leaves no row, so a user whose only
+  pages are in the trash still has no documents); ``t`` older than the newest time → ``stale``; row
   already deleted → ``already_deleted``; otherwise ``delete`` (``deleted_at_source = t``).
 
 Note cap: a page that would add a live note (no row, or a deleted row coming back) needs room under
@@ -56,7 +57,6 @@ __all__ = [
     "decide_upsert",
     "document_row",
     "finish_sync_run",
-    "insert_tombstones",
     "is_known_unchanged",
     "is_stale",
     "load_stored",
@@ -82,7 +82,8 @@ class Decision(StrEnum):
     UNCHANGED = "unchanged"
     STALE = "stale"
     DELETE = "delete"
-    TOMBSTONE = "tombstone"
+    ARCHIVED_UNKNOWN = "archived"
+    """An archived or trashed page with no stored row: skipped, nothing written."""
     ALREADY_DELETED = "already_deleted"
 
 
@@ -145,9 +146,9 @@ def decide_upsert(stored: StoredDocument | None, source_time: datetime, content_
 
 
 def decide_delete(stored: StoredDocument | None, source_time: datetime) -> Decision:
-    """``tombstone``, ``stale``, ``already_deleted`` or ``delete`` (rules in the module docstring)."""
+    """``archived``, ``stale``, ``already_deleted`` or ``delete`` (rules in the module docstring)."""
     if stored is None:
-        return Decision.TOMBSTONE
+        return Decision.ARCHIVED_UNKNOWN
     newest = stored.newest_time
     if newest is not None and source_time < newest:
         return Decision.STALE
@@ -315,20 +316,6 @@ def upsert_documents(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> 
         set_={name: stmt.excluded[name] for name in _UPSERT_COLUMNS},
         where=not_stale,
     ).returning(_DOCS.c.external_id)
-    return set(conn.execute(stmt).scalars())
-
-
-def insert_tombstones(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> set[str]:
-    """Insert deleted rows for pages never stored (``deleted_at_source`` set, empty content); a row that
-    appeared meanwhile is left alone. Returns the external ids inserted."""
-    if not rows:
-        return set()
-    stmt = (
-        _insert(conn)(_DOCS)
-        .values([dict(r) for r in rows])
-        .on_conflict_do_nothing(index_elements=_CONFLICT_KEYS)
-        .returning(_DOCS.c.external_id)
-    )
     return set(conn.execute(stmt).scalars())
 
 

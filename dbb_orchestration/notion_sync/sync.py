@@ -66,7 +66,6 @@ from dbb_orchestration.notion_sync.ingest import (
     decide_upsert,
     document_row,
     finish_sync_run,
-    insert_tombstones,
     is_known_unchanged,
     is_stale,
     load_stored,
@@ -227,7 +226,6 @@ _ACCEPTED = {
     Decision.INSERT: "inserted",
     Decision.UPDATE: "updated",
     Decision.DELETE: "deleted",
-    Decision.TOMBSTONE: "tombstoned",
 }
 
 
@@ -520,7 +518,7 @@ def _sync_databases(
                 stats.data_sources += 1
                 try:
                     for pages in iter_query_results(api, ref.data_source_id, db_since):
-                        batch_newest = batcher.ingest(pages, ref, incremental=db_since is not None)
+                        batch_newest = batcher.ingest(pages, ref)
                         newest_seen = _later(newest_seen, batch_newest)
                 except NotionNotFound:
                     stats.data_sources_not_found += 1
@@ -573,9 +571,7 @@ class _Batcher:
     stats: SyncStats
     budget: NoteBudget
 
-    def ingest(
-        self, pages: Sequence[dict[str, Any]], ref: DataSourceRef, *, incremental: bool
-    ) -> datetime | None:
+    def ingest(self, pages: Sequence[dict[str, Any]], ref: DataSourceRef) -> datetime | None:
         """Store one batch; returns the newest ``last_edited_time`` in it (every page is handled or the
         call raises)."""
         stats = self.stats
@@ -587,7 +583,6 @@ class _Batcher:
 
         newest: datetime | None = None
         pending: list[_Pending] = []
-        tombstones: list[dict[str, Any]] = []
         deletions: list[tuple[int, datetime]] = []
         seen: set[str] = set()
         for page in pages:
@@ -600,13 +595,8 @@ class _Batcher:
             source_time = edited or received_at
             existing = stored.get(page_id)
             if is_skippable_page(page):
-                if existing is None and not incremental:
-                    stats.skipped["archived"] += 1
-                    continue
                 decision = decide_delete(existing, source_time)
-                if decision is Decision.TOMBSTONE:
-                    tombstones.append(self._row(page, ref, "", source_time, received_at, deleted=True))
-                elif decision is Decision.DELETE and existing is not None:
+                if decision is Decision.DELETE and existing is not None:
                     deletions.append((existing.id, source_time))
                 else:
                     stats.skipped[decision.value] += 1
@@ -653,7 +643,6 @@ class _Batcher:
 
         with self.engine.begin() as conn:
             written = upsert_documents(conn, rows)
-            tombstoned = insert_tombstones(conn, tombstones)
             deleted = mark_deleted(conn, deletions, received_at)
             touch_synced(conn, unchanged_ids, received_at)
 
@@ -664,8 +653,6 @@ class _Batcher:
                 stats.skipped[Decision.STALE.value] += 1
                 if item.reserved:
                     self.budget.release()
-        _add(stats.accepted, _ACCEPTED[Decision.TOMBSTONE], len(tombstoned))
-        _add(stats.skipped, Decision.STALE.value, len(tombstones) - len(tombstoned))
         _add(stats.accepted, _ACCEPTED[Decision.DELETE], deleted)
         _add(stats.skipped, Decision.STALE.value, len(deletions) - deleted)
         for _ in range(deleted):

@@ -18,7 +18,6 @@ from dbb_orchestration.notion_sync.ingest import (
     decide_upsert,
     document_row,
     finish_sync_run,
-    insert_tombstones,
     is_known_unchanged,
     is_stale,
     load_stored,
@@ -76,7 +75,7 @@ def test_decide_upsert(
 @pytest.mark.parametrize(
     ("row", "source_time", "expected"),
     [
-        (None, T, Decision.TOMBSTONE),
+        (None, T, Decision.ARCHIVED_UNKNOWN),  # never stored: nothing is written
         (stored(), LATER, Decision.DELETE),
         (stored(), T, Decision.DELETE),  # trashed in the same minute as the last edit
         (stored(), EARLIER, Decision.STALE),
@@ -184,7 +183,9 @@ def test_upsert_revives_a_deleted_row_only_when_newer(setup: tuple[sa.Engine, in
     engine, cid = setup
     now = T + timedelta(hours=1)
     with engine.begin() as conn:
-        insert_tombstones(conn, [_row("gone", "", T, now, deleted=True, connection_id=cid)])
+        upsert_documents(conn, [_row("gone", "here", EARLIER, now, connection_id=cid)])
+        gone_id = conn.execute(sa.select(t.documents.c.id)).scalar_one()
+        assert mark_deleted(conn, [(gone_id, T)], now) == 1
         assert upsert_documents(conn, [_row("gone", "back?", T, now, connection_id=cid)]) == set()
         assert upsert_documents(conn, [_row("gone", "back!", LATER, now, connection_id=cid)]) == {"gone"}
         row = conn.execute(sa.select(t.documents).where(t.documents.c.external_id == "gone")).one()
@@ -192,7 +193,7 @@ def test_upsert_revives_a_deleted_row_only_when_newer(setup: tuple[sa.Engine, in
     assert row.updated_at_source == LATER
 
 
-def test_tombstones_deletes_and_touch(setup: tuple[sa.Engine, int]) -> None:
+def test_deletes_and_touch(setup: tuple[sa.Engine, int]) -> None:
     engine, cid = setup
     now = T + timedelta(hours=1)
     with engine.begin() as conn:
@@ -200,21 +201,12 @@ def test_tombstones_deletes_and_touch(setup: tuple[sa.Engine, int]) -> None:
         ids = {
             r.external_id: r.id for r in conn.execute(sa.select(t.documents.c.external_id, t.documents.c.id))
         }
-        tombstoned = insert_tombstones(
-            conn,
-            [
-                _row("unknown", "", T, now, deleted=True, connection_id=cid),
-                _row("live", "", T, now, deleted=True, connection_id=cid),
-            ],
-        )
         deleted = mark_deleted(conn, [(ids["old"], LATER), (ids["newer"], EARLIER)], now)
         touched = touch_synced(conn, [ids["live"]], now + timedelta(hours=1))
         not_back = touch_synced(conn, [ids["live"]], now)  # never moves backwards
         rows = {r.external_id: r for r in conn.execute(sa.select(t.documents))}
         live = count_live_documents(conn, "u1")
-    assert tombstoned == {"unknown"}  # "live" exists: left alone
     assert (deleted, touched, not_back) == (1, 1, 0)
-    assert rows["unknown"].deleted_at_source == T and rows["unknown"].content_size_bytes == 0
     assert rows["old"].deleted_at_source == LATER
     assert rows["newer"].deleted_at_source is None  # the deletion is older than the row
     assert rows["live"].last_synced_at == now + timedelta(hours=1)

@@ -201,7 +201,7 @@ def test_429_with_retry_after_then_success(
     assert sync_runs(engine, cid)[0].stats_json["retries"] == 2
 
 
-def test_deleted_pages_update_rows_or_leave_tombstones(
+def test_trashed_pages_mark_known_rows_deleted_and_leave_no_row_for_unknown_ones(
     engine: sa.Engine, fake: FakeNotion, open_api: ApiFactory, clock: Clock
 ) -> None:
     fake.add_database("db1", ["ds1"])
@@ -225,13 +225,33 @@ def test_deleted_pages_update_rows_or_leave_tombstones(
     second = run(engine, cid, open_api, clock)
 
     assert second.status is SyncStatus.SUCCESS
-    assert second.stats.accepted == {"deleted": 1, "tombstoned": 1}
-    assert second.stats.skipped == {"not_found": 1}
+    assert second.stats.accepted == {"deleted": 1}
+    assert second.stats.skipped == {"archived": 1, "not_found": 1}
     docs = documents(engine)
     assert docs["trash-me"]["deleted_at_source"] == trashed_at.replace(second=0, microsecond=0)
-    assert docs["never-seen"]["deleted_at_source"] is not None and docs["never-seen"]["text"] == ""
     assert docs["keep"]["deleted_at_source"] is None
-    assert "vanishing" not in docs
+    # Like the backend: a trashed page never stored writes no row (not even a deleted one).
+    assert set(docs) == {"keep", "trash-me"}
+
+
+def test_a_user_whose_only_pages_are_trashed_has_no_document_rows(
+    engine: sa.Engine, fake: FakeNotion, open_api: ApiFactory, clock: Clock
+) -> None:
+    fake.add_database("db1", ["ds1"])
+    with engine.begin() as conn:
+        cid = notion_connection(conn, fake, "u1", ["db1"])
+    assert run(engine, cid, open_api, clock).status is SyncStatus.SUCCESS  # first sync: empty database
+
+    clock.advance(days=7)
+    fake.add_page("ds1", "binned", "Binned", clock.now - timedelta(hours=1), in_trash=True)
+    fake.add_page("ds1", "archived", "Archived", clock.now - timedelta(hours=2), archived=True)
+
+    incremental = run(engine, cid, open_api, clock)
+
+    assert incremental.status is SyncStatus.SUCCESS
+    assert incremental.stats.skipped == {"archived": 2}
+    assert incremental.stats.accepted == {}
+    assert documents(engine) == {}
 
 
 def test_page_edited_twice_in_the_same_minute(
