@@ -190,12 +190,12 @@ def test_429_with_retry_after_then_success(
     with engine.begin() as conn:
         cid = notion_connection(conn, fake, "u1", ["db1"])
     fake.fail_next("/v1/data_sources/", status=429, count=1, retry_after=1)
-    fake.fail_next("/v1/blocks/", status=429, count=1, retry_after=3)
+    fake.fail_next("/v1/blocks/", status=429, count=1, retry_after=30)
 
     result = run(engine, cid, open_api, clock)
 
     assert result.status is SyncStatus.SUCCESS
-    assert sorted(open_api.sleeps) == [1.0, 3.0]
+    assert sorted(open_api.sleeps) == [1.0, 30.0]  # Retry-After as sent, not cut to 10 s
     assert (result.stats.retries, result.stats.requests) == (2, 5)
     assert documents(engine)["p1"]["text"] == "x"
     assert sync_runs(engine, cid)[0].stats_json["retries"] == 2
