@@ -21,6 +21,8 @@ from dbb_orchestration.content import (
     encode_content,
     key_env_name,
     normalize_markdown,
+    storable_json,
+    storable_text,
     utf8_bytes,
 )
 
@@ -474,3 +476,41 @@ def test_equivalent_texts_share_a_hash_and_different_texts_do_not() -> None:
     assert content_hash("Body") != content_hash(" Body")
     assert len(content_hash("x")) == 64
     assert content_hash("x") == content_hash("x").lower()
+
+
+# --- text a database column can hold ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("", ""),
+        ("plain — text 🧠", "plain — text 🧠"),
+        ("a\x00b", "ab"),
+        ("\x00\x00", ""),
+        ("lone \ud800 high", "lone \ufffd high"),
+        ("lone \udfff low\x00", "lone \ufffd low"),
+        ("tab\tnl\ncr\r\x01\x7f", "tab\tnl\ncr\r\x01\x7f"),  # other control characters are storable
+    ],
+)
+def test_storable_text(raw: str, stored: str) -> None:
+    assert storable_text(raw) == stored
+    assert storable_text(stored) == stored
+    stored.encode("utf-8")  # always encodable
+
+
+def test_storable_json_cleans_strings_keys_and_non_finite_numbers() -> None:
+    raw = {
+        "Na\x00me": "ti\x00tle",
+        "nested": {"list": ["a\x00", 1, 2.5, float("nan"), None, True, ("x\ud83d",)]},
+        "inf": float("inf"),
+        "neg": float("-inf"),
+    }
+    assert storable_json(raw) == {
+        "Name": "title",
+        "nested": {"list": ["a", 1, 2.5, None, None, True, ["x\ufffd"]]},
+        "inf": None,
+        "neg": None,
+    }
+    assert raw["Na\x00me"] == "ti\x00tle"  # the input is not changed
+    assert storable_json("plain") == "plain" and storable_json(3) == 3 and storable_json(None) is None

@@ -41,13 +41,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dbb_orchestration.content import ContentKeyring, encode_content
+from dbb_orchestration.content import ContentKeyring, encode_content, storable_json, storable_text
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.plans import DeploymentMode, is_pro, plan_limits
 
 __all__ = [
     "NOTE_LIMIT_REACHED",
+    "UNSTORABLE",
     "Decision",
     "NoteBudget",
     "StoredDocument",
@@ -57,6 +58,7 @@ __all__ = [
     "decide_upsert",
     "document_row",
     "finish_sync_run",
+    "is_unstorable_row_error",
     "is_known_unchanged",
     "is_stale",
     "load_stored",
@@ -72,6 +74,8 @@ __all__ = [
 ]
 
 NOTE_LIMIT_REACHED = "note_limit_reached"
+UNSTORABLE = "unstorable"
+"""Rejection reason of a page whose row the database refused even after cleaning."""
 FRESHNESS_MARGIN = timedelta(seconds=2)
 _DOCS = t.documents
 
@@ -256,25 +260,39 @@ def document_row(
     deleted_at_source: datetime | None,
     now: datetime,
 ) -> dict[str, Any]:
-    """Column values of one ``documents`` row, content encoded with the newest key (or ``none``)."""
-    encoded = encode_content(markdown, keyring)
+    """Column values of one ``documents`` row, content encoded with the newest key (or ``none``).
+
+    Title, content and metadata are first made storable (:func:`~dbb_orchestration.content.storable_text`
+    / :func:`~dbb_orchestration.content.storable_json`: NUL removed, lone surrogates → U+FFFD, NaN →
+    ``null``), so one odd character in a page never makes Postgres refuse the batch; the content hash is
+    of the stored text."""
+    encoded = encode_content(storable_text(markdown), keyring)
     return {
         "user_id": user_id,
         "connection_id": connection_id,
         "external_id": external_id,
-        "title": title,
+        "title": storable_text(title),
         "content_ciphertext": encoded.ciphertext,
         "content_iv": encoded.iv,
         "content_alg": encoded.alg,
         "content_key_version": encoded.key_version,
         "content_hash": encoded.content_hash,
         "content_size_bytes": encoded.size_bytes,
-        "metadata_json": dict(metadata),
+        "metadata_json": storable_json(dict(metadata)),
         "created_at_source": created_at_source,
         "updated_at_source": updated_at_source,
         "deleted_at_source": deleted_at_source,
         "last_synced_at": now,
     }
+
+
+def is_unstorable_row_error(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while writing document rows, is about the rows' values (the database
+    refused a value: bad text or JSON, a constraint) rather than about the database (connection lost,
+    timeout, missing table): only then does writing the rows one by one help."""
+    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError | UnicodeError):
+        return True
+    return isinstance(exc, sa.exc.StatementError) and isinstance(exc.orig, UnicodeError | ValueError)
 
 
 def _insert(conn: sa.Connection) -> Any:

@@ -41,7 +41,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from dbb_orchestration.content import ContentKeyring, content_hash
+from dbb_orchestration.content import ContentKeyring, content_hash, storable_text
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.notion_sync.client import NotionApi, NotionApiError, NotionNotFound
 from dbb_orchestration.notion_sync.fetch import (
@@ -57,6 +57,7 @@ from dbb_orchestration.notion_sync.fetch import (
 )
 from dbb_orchestration.notion_sync.ingest import (
     NOTE_LIMIT_REACHED,
+    UNSTORABLE,
     Decision,
     NoteBudget,
     StoredDocument,
@@ -68,6 +69,7 @@ from dbb_orchestration.notion_sync.ingest import (
     finish_sync_run,
     is_known_unchanged,
     is_stale,
+    is_unstorable_row_error,
     load_stored,
     mark_deleted,
     note_limit_for_user,
@@ -110,6 +112,7 @@ __all__ = [
 
 ABANDONED_RUN_AGE = timedelta(hours=6)
 _ERROR_MESSAGE_LIMIT = 300
+_MAX_LISTED_IDS = 20
 
 OpenApi = Callable[[str], AbstractContextManager[NotionApi]]
 SeedHook = Callable[[sa.Connection, str, datetime], Any]
@@ -245,6 +248,8 @@ class SyncStats:
     skipped: Counter[str] = field(default_factory=Counter)
     requests: int = 0
     retries: int = 0
+    unstorable_page_ids: list[str] = field(default_factory=list)
+    """Pages the database refused even after cleaning (ids only, for the operator)."""
 
     @property
     def pages_skipped(self) -> int:
@@ -252,7 +257,7 @@ class SyncStats:
         return self.pages_visited - self.pages_fetched
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "databases": self.databases,
             "databasesNotFound": self.databases_not_found,
             "databasesReadInFull": self.databases_full,
@@ -269,6 +274,9 @@ class SyncStats:
             "requests": self.requests,
             "retries": self.retries,
         }
+        if self.unstorable_page_ids:
+            data["unstorablePageIds"] = self.unstorable_page_ids[:_MAX_LISTED_IDS]
+        return data
 
     def metadata(self) -> dict[str, int]:
         """Flat counters: ``pages_*``, ``documents_accepted``/``_rejected``/``_skipped`` and one
@@ -494,6 +502,7 @@ def _sync_databases(
             count_live_documents(conn, details.user_id),
         )
     newest_seen: datetime | None = None
+    hold: datetime | None = None
     all_full = True
     with ThreadPoolExecutor(
         max_workers=max(1, options.page_concurrency),
@@ -518,11 +527,12 @@ def _sync_databases(
                 stats.data_sources += 1
                 try:
                     for pages in iter_query_results(api, ref.data_source_id, db_since):
-                        batch_newest = batcher.ingest(pages, ref)
-                        newest_seen = _later(newest_seen, batch_newest)
+                        batch = batcher.ingest(pages, ref)
+                        newest_seen = _later(newest_seen, batch.newest)
+                        hold = _earlier(hold, batch.hold)
                 except NotionNotFound:
                     stats.data_sources_not_found += 1
-    return next_since(since, newest_seen, started), all_full
+    return next_since(since, newest_seen, started, hold=hold), all_full
 
 
 def _positive_int(value: Any) -> int:
@@ -537,6 +547,14 @@ def _later(a: datetime | None, b: datetime | None) -> datetime | None:
     return max(a, b)
 
 
+def _earlier(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
 def _add(counter: Counter[str], key: str, count: int) -> None:
     if count > 0:
         counter[key] += count
@@ -549,12 +567,55 @@ def _page_time(value: Any) -> datetime | None:
         return None
 
 
+@dataclass(frozen=True)
+class BatchResult:
+    """What one query response changed for the cursor."""
+
+    newest: datetime | None
+    """The newest ``last_edited_time`` among its pages."""
+    hold: datetime | None
+    """The earliest source time of a page that could not be stored (the cursor must not pass it)."""
+
+
 @dataclass
 class _Pending:
+    """A page whose content must be read before it can be decided."""
+
     page: dict[str, Any]
     stored: StoredDocument | None
     source_time: datetime
     reserved: bool
+    """A note of the cap is reserved for it (it would add a live note)."""
+
+    @property
+    def page_id(self) -> str:
+        return str(self.page["id"])
+
+
+@dataclass
+class _Plan:
+    """The decisions made before any block is read."""
+
+    pending: list[_Pending] = field(default_factory=list)
+    deletions: list[tuple[int, datetime]] = field(default_factory=list)
+    newest: datetime | None = None
+
+
+@dataclass
+class _Writes:
+    """The rows to write once the content is known."""
+
+    deletions: list[tuple[int, datetime]]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    upserts: dict[str, tuple[Decision, _Pending]] = field(default_factory=dict)
+    unchanged_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Written:
+    upserted: set[str] = field(default_factory=set)
+    unstorable: set[str] = field(default_factory=set)
+    deleted: int = 0
 
 
 @dataclass
@@ -571,19 +632,27 @@ class _Batcher:
     stats: SyncStats
     budget: NoteBudget
 
-    def ingest(self, pages: Sequence[dict[str, Any]], ref: DataSourceRef) -> datetime | None:
-        """Store one batch; returns the newest ``last_edited_time`` in it (every page is handled or the
-        call raises)."""
-        stats = self.stats
-        stats.pages_visited += len(pages)
+    def ingest(self, pages: Sequence[dict[str, Any]], ref: DataSourceRef) -> BatchResult:
+        """Store one batch: decide every page on what is stored, read the content of those that need it,
+        write the rows. Every page is handled (stored, skipped, rejected or counted unstorable) or the
+        call raises."""
+        self.stats.pages_visited += len(pages)
         received_at = self.clock()
-        user_id, connection_id = self.details.user_id, self.details.connection_id
         with self.engine.connect() as conn:
-            stored = load_stored(conn, user_id, connection_id, [str(p["id"]) for p in pages])
+            stored = load_stored(
+                conn, self.details.user_id, self.details.connection_id, [str(p["id"]) for p in pages]
+            )
+        plan = self._decide(pages, stored, received_at)
+        fetched = self._fetch_all([item.page for item in plan.pending])
+        writes = self._prepare(plan, fetched, ref, received_at)
+        written = self._write(writes, received_at)
+        return BatchResult(plan.newest, self._count(writes, written))
 
-        newest: datetime | None = None
-        pending: list[_Pending] = []
-        deletions: list[tuple[int, datetime]] = []
+    # -- decide (before any block is read) ------------------------------------------------------------
+    def _decide(
+        self, pages: Sequence[dict[str, Any]], stored: Mapping[str, StoredDocument], received_at: datetime
+    ) -> _Plan:
+        plan = _Plan()
         seen: set[str] = set()
         for page in pages:
             page_id = str(page["id"])
@@ -591,73 +660,112 @@ class _Batcher:
                 continue
             seen.add(page_id)
             edited = _page_time(page.get("last_edited_time"))
-            newest = _later(newest, edited)
-            source_time = edited or received_at
-            existing = stored.get(page_id)
-            if is_skippable_page(page):
-                decision = decide_delete(existing, source_time)
-                if decision is Decision.DELETE and existing is not None:
-                    deletions.append((existing.id, source_time))
-                else:
-                    stats.skipped[decision.value] += 1
-                continue
-            if is_stale(existing, source_time):
-                stats.skipped[Decision.STALE.value] += 1
-                continue
-            if is_known_unchanged(existing, source_time):
-                stats.skipped[Decision.UNCHANGED.value] += 1
-                continue
+            plan.newest = _later(plan.newest, edited)
+            self._decide_page(plan, page, stored.get(page_id), edited or received_at)
+        return plan
+
+    def _decide_page(
+        self, plan: _Plan, page: dict[str, Any], existing: StoredDocument | None, source_time: datetime
+    ) -> None:
+        skipped = self.stats.skipped
+        if is_skippable_page(page):
+            decision = decide_delete(existing, source_time)
+            if decision is Decision.DELETE and existing is not None:
+                plan.deletions.append((existing.id, source_time))
+            else:  # never stored (the backend skips it too), stale or already deleted
+                skipped[decision.value] += 1
+        elif is_stale(existing, source_time):
+            skipped[Decision.STALE.value] += 1
+        elif is_known_unchanged(existing, source_time):
+            skipped[Decision.UNCHANGED.value] += 1
+        else:
             reserved = would_add_live_note(existing)
             if reserved and not self.budget.try_take():
-                stats.rejected[NOTE_LIMIT_REACHED] += 1
-                continue
-            pending.append(_Pending(page, existing, source_time, reserved))
+                self.stats.rejected[NOTE_LIMIT_REACHED] += 1
+            else:
+                plan.pending.append(_Pending(page, existing, source_time, reserved))
 
-        fetched = self._fetch_all([p.page for p in pending])
-        rows: list[dict[str, Any]] = []
-        decisions: dict[str, tuple[Decision, _Pending]] = {}
-        unchanged_ids: list[int] = []
-        for item in pending:
-            page_id = str(item.page["id"])
-            result = fetched.get(page_id)
+    # -- load: the content, then the rows -------------------------------------------------------------
+    def _prepare(
+        self,
+        plan: _Plan,
+        fetched: Mapping[str, FetchedPage | None],
+        ref: DataSourceRef,
+        received_at: datetime,
+    ) -> _Writes:
+        writes = _Writes(plan.deletions)
+        for item in plan.pending:
+            result = fetched.get(item.page_id)
             if result is None:
-                stats.skipped["not_found"] += 1
-                if item.reserved:
-                    self.budget.release()
+                self._drop(item, self.stats.skipped, "not_found")
                 continue
-            stats.pages_fetched += 1
-            decision = decide_upsert(item.stored, item.source_time, content_hash(result.markdown))
+            self.stats.pages_fetched += 1
+            markdown = storable_text(result.markdown)  # hashed as it will be stored
+            decision = decide_upsert(item.stored, item.source_time, content_hash(markdown))
             if decision is Decision.UNCHANGED and item.stored is not None:
-                unchanged_ids.append(item.stored.id)
-                stats.skipped[decision.value] += 1
-                continue
-            if decision not in (Decision.INSERT, Decision.UPDATE):
-                stats.skipped[decision.value] += 1
-                if item.reserved:
-                    self.budget.release()
-                continue
-            rows.append(
-                self._row(item.page, ref, result.markdown, item.source_time, received_at, deleted=False)
-            )
-            decisions[page_id] = (decision, item)
+                writes.unchanged_ids.append(item.stored.id)
+                self.stats.skipped[decision.value] += 1
+            elif decision in (Decision.INSERT, Decision.UPDATE):
+                writes.rows.append(self._row(item.page, ref, markdown, item.source_time, received_at))
+                writes.upserts[item.page_id] = (decision, item)
+            else:
+                self._drop(item, self.stats.skipped, decision.value)
+        return writes
 
+    # -- write ----------------------------------------------------------------------------------------
+    def _write(self, writes: _Writes, received_at: datetime) -> _Written:
+        """One transaction for the batch; when the database refuses a row's values, the rows are written
+        again one per transaction so only the pages it refuses are left out."""
+        try:
+            with self.engine.begin() as conn:
+                return self._write_in(conn, writes, writes.rows, received_at)
+        except Exception as exc:
+            if not writes.rows or not is_unstorable_row_error(exc):
+                raise
         with self.engine.begin() as conn:
-            written = upsert_documents(conn, rows)
-            deleted = mark_deleted(conn, deletions, received_at)
-            touch_synced(conn, unchanged_ids, received_at)
+            written = self._write_in(conn, writes, [], received_at)
+        for row in writes.rows:
+            try:
+                with self.engine.begin() as conn:
+                    written.upserted |= upsert_documents(conn, [row])
+            except Exception as exc:
+                if not is_unstorable_row_error(exc):
+                    raise
+                written.unstorable.add(str(row["external_id"]))
+        return written
 
-        for page_id, (decision, item) in decisions.items():
-            if page_id in written:
+    @staticmethod
+    def _write_in(
+        conn: sa.Connection, writes: _Writes, rows: Sequence[Mapping[str, Any]], received_at: datetime
+    ) -> _Written:
+        upserted = upsert_documents(conn, rows)
+        deleted = mark_deleted(conn, writes.deletions, received_at)
+        touch_synced(conn, writes.unchanged_ids, received_at)
+        return _Written(upserted=upserted, deleted=deleted)
+
+    def _count(self, writes: _Writes, written: _Written) -> datetime | None:
+        """Count what was written; returns the earliest source time of a page left unstored."""
+        stats, hold = self.stats, None
+        for page_id, (decision, item) in writes.upserts.items():
+            if page_id in written.upserted:
                 stats.accepted[_ACCEPTED[decision]] += 1
+            elif page_id in written.unstorable:
+                self._drop(item, stats.rejected, UNSTORABLE)
+                stats.unstorable_page_ids.append(page_id)
+                hold = _earlier(hold, item.source_time)
             else:  # a newer row was written between our read and our write
-                stats.skipped[Decision.STALE.value] += 1
-                if item.reserved:
-                    self.budget.release()
-        _add(stats.accepted, _ACCEPTED[Decision.DELETE], deleted)
-        _add(stats.skipped, Decision.STALE.value, len(deletions) - deleted)
-        for _ in range(deleted):
+                self._drop(item, stats.skipped, Decision.STALE.value)
+        _add(stats.accepted, _ACCEPTED[Decision.DELETE], written.deleted)
+        _add(stats.skipped, Decision.STALE.value, len(writes.deletions) - written.deleted)
+        for _ in range(written.deleted):
             self.budget.release()
-        return newest
+        return hold
+
+    def _drop(self, item: _Pending, counter: Counter[str], reason: str) -> None:
+        """Count a pending page that is not written, giving back its reserved note."""
+        counter[reason] += 1
+        if item.reserved:
+            self.budget.release()
 
     def _row(
         self,
@@ -666,8 +774,6 @@ class _Batcher:
         markdown: str,
         source_time: datetime,
         received_at: datetime,
-        *,
-        deleted: bool,
     ) -> dict[str, Any]:
         return document_row(
             user_id=self.details.user_id,
@@ -679,7 +785,7 @@ class _Batcher:
             metadata=page_metadata(page, ref.database_id, ref.data_source_id),
             created_at_source=_page_time(page.get("created_time")),
             updated_at_source=source_time,
-            deleted_at_source=source_time if deleted else None,
+            deleted_at_source=None,
             now=received_at,
         )
 

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dbb_orchestration.content import ContentKeyring, decode_content
+from dbb_orchestration.content import ContentKeyring, content_hash, decode_content
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.notion_sync.sync import (
     ConnectionSyncResult,
@@ -23,7 +23,12 @@ from dbb_orchestration.notion_sync.sync import (
 from dbb_orchestration.plans import DeploymentMode
 from dbb_orchestration.testing import FakeNotion
 from dbb_orchestration.testing import factories as f
-from dbb_orchestration.testing.fake_notion import block, checkbox_property, select_property
+from dbb_orchestration.testing.fake_notion import (
+    block,
+    checkbox_property,
+    rich_text_property,
+    select_property,
+)
 from dbb_orchestration_tests.notion_sync.conftest import T0, ApiFactory, Clock, notion_connection
 
 CLOUD = SyncOptions(ContentKeyring.empty(), DeploymentMode.CLOUD)
@@ -567,3 +572,112 @@ def test_seed_failure_is_reported_after_the_sync_is_recorded(
     assert result.status is SyncStatus.SUCCESS and result.failed
     assert result.seed_error == "RuntimeError: seed exploded"
     assert sync_runs(engine, cid)[0].status == "success"
+
+
+def test_characters_postgres_refuses_are_cleaned_per_page_and_siblings_are_stored(
+    engine: sa.Engine, fake: FakeNotion, open_api: ApiFactory
+) -> None:
+    fake.add_database("db1", ["ds1"])
+    fake.add_page("ds1", "before", "Before", T0, blocks=[block("paragraph", "fine")])
+    fake.add_page("ds1", "only-nul", "\x00", T0 + timedelta(minutes=1), blocks=[block("paragraph", "x")])
+    fake.add_page("ds1", "after", "After", T0 + timedelta(minutes=2), blocks=[block("paragraph", "ok")])
+    fake.add_page(
+        "ds1", "nul", "Ti\x00tle \ud800", T0 + timedelta(minutes=3),
+        properties={"Kind": select_property("bo\x00ok"), "Note\x00": rich_text_property("n\x00b")},
+        blocks=[block("paragraph", "a\x00b"), block("paragraph", "lone \udc00 surrogate")],
+    )  # fmt: skip
+    with engine.begin() as conn:
+        cid = notion_connection(conn, fake, "u1", ["db1"])
+    clock = Clock(T0 + timedelta(minutes=3, seconds=30))  # within the newest page's minute
+
+    first = run(engine, cid, open_api, clock)
+
+    assert first.status is SyncStatus.SUCCESS, first.error
+    assert first.stats.accepted == {"inserted": 4}
+    assert first.cursor == "2026-02-08T10:03:00.000Z"
+    docs = documents(engine)
+    assert set(docs) == {"before", "nul", "only-nul", "after"}
+    cleaned = docs["nul"]
+    assert cleaned["title"] == "Title \ufffd"
+    assert cleaned["text"] == "ab\n\nlone \ufffd surrogate"
+    assert cleaned["content_hash"] == content_hash("ab\n\nlone \ufffd surrogate")
+    assert cleaned["metadata_json"]["propertiesSummary"] == {
+        "Kind": "book",
+        "Note": "nb",
+        "Name": "Title \ufffd",
+    }
+    assert docs["only-nul"]["title"] == "Untitled"
+
+    # The page was read inside its edit minute, so the next sync reads it again: its stored hash is
+    # of the stored (cleaned) text, so the unchanged page is recognised and nothing is rewritten.
+    clock.advance(days=7)
+    fake.reset_log()
+    second = run(engine, cid, open_api, clock)
+    assert children_requests(fake) == ["nul"]
+    assert second.stats.accepted == {}
+    assert second.stats.skipped == {"unchanged": 1}
+
+
+def _refuse_title(engine: sa.Engine, title: str) -> None:
+    """A real constraint that makes the database refuse one page's row (the way a character it cannot
+    hold would), on either database."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(
+                sa.text(f"ALTER TABLE documents ADD CONSTRAINT test_refuse CHECK (title <> '{title}')")
+            )
+        else:
+            for event in ("INSERT", "UPDATE"):
+                conn.execute(
+                    sa.text(
+                        f"CREATE TRIGGER test_refuse_{event.lower()} BEFORE {event} ON documents "
+                        f"WHEN NEW.title = '{title}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                    )
+                )
+
+
+def _accept_all_titles(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("ALTER TABLE documents DROP CONSTRAINT test_refuse"))
+        else:
+            conn.execute(sa.text("DROP TRIGGER test_refuse_insert"))
+            conn.execute(sa.text("DROP TRIGGER test_refuse_update"))
+
+
+def test_a_page_the_database_still_refuses_is_isolated_and_holds_the_cursor(
+    engine: sa.Engine, fake: FakeNotion, open_api: ApiFactory, clock: Clock
+) -> None:
+    fake.add_database("db1", ["ds1"])
+    fake.add_page("ds1", "old", "Old", T0, blocks=[block("paragraph", "o")])
+    fake.add_page("ds1", "refused", "Refused", T0 + timedelta(minutes=5), blocks=[block("paragraph", "r")])
+    fake.add_page("ds1", "new", "New", T0 + timedelta(minutes=9), blocks=[block("paragraph", "n")])
+    with engine.begin() as conn:
+        cid = notion_connection(conn, fake, "u1", ["db1"])
+    _refuse_title(engine, "Refused")
+    seed = SeedCalls()
+
+    first = run(engine, cid, open_api, clock, seed=seed)
+
+    assert first.status is SyncStatus.SUCCESS, first.error
+    assert first.stats.accepted == {"inserted": 2}
+    assert first.stats.rejected == {"unstorable": 1}
+    assert set(documents(engine)) == {"old", "new"}
+    # The cursor stops at the refused page's minute, not the newest page's.
+    assert first.cursor == "2026-02-08T10:05:00.000Z"
+    [row] = sync_runs(engine, cid)
+    assert row.status == "success"
+    assert row.stats_json["documents"]["rejected"] == {"unstorable": 1}
+    assert row.stats_json["unstorablePageIds"] == ["refused"]
+    assert seed.calls  # the rest of the connection counts as synced
+
+    # Once the database accepts it, the next incremental sync stores it.
+    _accept_all_titles(engine)
+    clock.advance(days=7)
+    fake.reset_log()
+    second = run(engine, cid, open_api, clock)
+
+    assert query_bodies(fake)[0]["filter"]["last_edited_time"] == {"on_or_after": "2026-02-08T10:04:58.000Z"}
+    assert second.stats.accepted == {"inserted": 1}
+    assert documents(engine)["refused"]["text"] == "r"
+    assert second.cursor == "2026-02-08T10:09:00.000Z"
