@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from dbb_orchestration.content import ContentKeyring, content_hash, decode_content
+from dbb_orchestration.db import create_db_engine
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.notion_sync.sync import (
     ConnectionSyncResult,
@@ -681,3 +682,35 @@ def test_a_page_the_database_still_refuses_is_isolated_and_holds_the_cursor(
     assert second.stats.accepted == {"inserted": 1}
     assert documents(engine)["refused"]["text"] == "r"
     assert second.cursor == "2026-02-08T10:09:00.000Z"
+
+
+@pytest.mark.postgres
+def test_a_database_error_that_is_not_about_a_value_still_fails_the_connection(
+    postgres_url: str, fake: FakeNotion, open_api: ApiFactory, clock: Clock
+) -> None:
+    engine = create_db_engine(postgres_url)
+    fake.add_database("db1", ["ds1"])
+    fake.add_page("ds1", "p1", "One", T0, blocks=[block("paragraph", "x")])
+    with engine.begin() as conn:
+        cid = notion_connection(conn, fake, "u1", ["db1"])
+        # Every write of a document fails the way a server in trouble does (not a refused value).
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION test_down() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'disk full' USING ERRCODE = '53100'; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER test_down BEFORE INSERT ON documents FOR EACH ROW EXECUTE FUNCTION test_down()"
+            )
+        )
+    try:
+        result = run(engine, cid, open_api, clock)
+
+        assert result.status is SyncStatus.FAILED
+        assert result.error is not None and result.error["type"] == "OperationalError"
+        assert sync_state(engine, cid).cursor_json is None  # nothing counted as synced
+        assert documents(engine) == {}
+    finally:
+        engine.dispose()
