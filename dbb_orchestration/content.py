@@ -11,6 +11,10 @@ Formats of a ``documents`` row:
 
 Decoding never raises: a note that cannot be read comes back as empty text with a short reason, so
 one bad row never breaks a run. Key material never appears in messages or reprs.
+
+The content hash normalises exactly as the backend does (see :func:`normalize_markdown`), so both
+sides compute the same hash for the same text. :func:`storable_text` / :func:`storable_json` make
+text and JSON safe for Postgres ``text``/``jsonb`` columns (no NUL, no lone surrogates).
 """
 
 from __future__ import annotations
