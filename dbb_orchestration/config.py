@@ -101,6 +101,8 @@ class Settings:
     notion_connection_pause_seconds: float = 2.0
     # Demo and tests only: pins the wall clock (``DBB_NOW``, ISO-8601 with offset).
     now_override: datetime | None = None
+    # Longest Notion ``Retry-After`` honoured on a 429, in seconds.
+    notion_max_retry_wait_seconds: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -142,6 +144,7 @@ class Settings:
             notion_page_concurrency=int(_number(env, "NOTION_PAGE_CONCURRENCY", 4, minimum=1, integer=True)),
             notion_connection_pause_seconds=_number(env, "NOTION_CONNECTION_PAUSE_SECONDS", 2.0, minimum=0),
             now_override=_instant(env, "DBB_NOW"),
+            notion_max_retry_wait_seconds=_number(env, "NOTION_MAX_RETRY_WAIT_SECONDS", 300.0, minimum=0),
         )
 
     def now(self) -> datetime:

@@ -11,6 +11,10 @@ Formats of a ``documents`` row:
 
 Decoding never raises: a note that cannot be read comes back as empty text with a short reason, so
 one bad row never breaks a run. Key material never appears in messages or reprs.
+
+The content hash normalises exactly as the backend does (see :func:`normalize_markdown`), so both
+sides compute the same hash for the same text. :func:`storable_text` / :func:`storable_json` make
+text and JSON safe for Postgres ``text``/``jsonb`` columns (no NUL, no lone surrogates).
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -41,6 +47,8 @@ __all__ = [
     "encode_content",
     "key_env_name",
     "normalize_markdown",
+    "storable_json",
+    "storable_text",
     "utf8_bytes",
 ]
 
@@ -53,7 +61,10 @@ MAX_KEY_VERSION = 10
 _KEY_ENV = "CONTENT_ENCRYPTION_KEY"
 _VERSIONED_KEY_ENV = re.compile(r"^CONTENT_ENCRYPTION_KEY_V\d+$")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_TRAILING_BLANKS = re.compile(r"[ \t]+(?=\n|\Z)")
+_NUL = "\x00"
+# A JavaScript multiline ``$`` (the backend's ``/[\t ]+$/gm``) matches before every line terminator
+# ECMAScript knows — LF, CR, U+2028, U+2029 — and at the end of the text.
+_TRAILING_BLANKS = re.compile(r"[ \t]+(?=[\n\r\u2028\u2029]|\Z)")
 _EXTRA_NEWLINES = re.compile(r"\n{3,}")
 _MAX_DETAIL = 32
 
@@ -93,6 +104,31 @@ def utf8_bytes(text: str) -> bytes:
         return text.encode("utf-8")
     except UnicodeEncodeError:
         return _SURROGATE.sub("\ufffd", text).encode("utf-8")
+
+
+def storable_text(text: str) -> str:
+    """``text`` as a database text column can hold it: NUL characters (which Postgres refuses in
+    ``text`` and ``jsonb``) are removed, and lone surrogates (possible in text decoded from JSON, which
+    neither UTF-8 nor Postgres can carry) become U+FFFD, as the backend's ``Buffer.from(s, 'utf8')``
+    turns them. Every other character is kept; clean text comes back unchanged."""
+    if _NUL in text:
+        text = text.replace(_NUL, "")
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def storable_json(value: Any) -> Any:
+    """A copy of a JSON-like value that ``jsonb`` accepts: every string (dict keys included) through
+    :func:`storable_text`, NaN and ±infinity → ``None`` (as ``JSON.stringify`` writes them), tuples →
+    lists. Other values are returned as they are."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {storable_text(str(k)): storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [storable_json(v) for v in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -212,9 +248,12 @@ class DecodedContent:
 
 
 def normalize_markdown(markdown: str) -> str:
-    """The form hashed by :func:`content_hash`: CRLF and lone CR → LF, then spaces and tabs at the end
-    of every line removed, then every run of 3 or more newlines replaced by exactly 2. Nothing else
-    changes (no trimming of leading blanks or of the whole text)."""
+    """The form hashed by :func:`content_hash`, exactly the backend's: CRLF and lone CR → LF, then spaces
+    and tabs at the end of every line removed, then every run of 3 or more newlines replaced by exactly 2.
+    A line ends where a JavaScript multiline regex says it does: at LF, and also at U+2028 (line
+    separator) and U+2029 (paragraph separator), so ``"x \u2028y"`` becomes ``"x\u2028y"``; those two
+    characters themselves are kept and do not count as newlines for the collapsing. Nothing else changes
+    (no trimming of leading blanks or of the whole text)."""
     text = markdown.replace("\r\n", "\n").replace("\r", "\n")
     text = _TRAILING_BLANKS.sub("", text)
     return _EXTRA_NEWLINES.sub("\n\n", text)

@@ -21,6 +21,8 @@ from dbb_orchestration.content import (
     encode_content,
     key_env_name,
     normalize_markdown,
+    storable_json,
+    storable_text,
     utf8_bytes,
 )
 
@@ -430,6 +432,16 @@ def test_decode_never_raises_on_garbage() -> None:
         ("  indented\n\tcode", "  indented\n\tcode"),  # leading whitespace kept
         ("nbsp\u00a0\nx", "nbsp\u00a0\nx"),  # only spaces and tabs are trailing blanks
         ("a  \r\n\r\n  \r\n b ", "a\n\n b"),
+        # A line also ends at U+2028 / U+2029 (JavaScript's multiline ``$``); they stay in the text and
+        # are not newlines for the collapsing of blank lines.
+        ("x \u2028y", "x\u2028y"),
+        ("x\t\u2029y", "x\u2029y"),
+        ("a \u2028 \u2028 \u2028b", "a\u2028\u2028\u2028b"),
+        ("a\u2028\u2028\u2028\u2028b", "a\u2028\u2028\u2028\u2028b"),
+        ("a \r\u2028b", "a\n\u2028b"),
+        ("x\u2028 y", "x\u2028 y"),  # leading blanks after the separator are kept
+        ("x \u0085y", "x \u0085y"),  # NEL is not a JavaScript line terminator
+        ("x \vy \fz", "x \vy \fz"),
     ],
 )
 def test_normalize_markdown(raw: str, normalised: str) -> None:
@@ -444,9 +456,61 @@ def test_content_hash_known_values() -> None:
     assert content_hash("") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
+def test_content_hash_with_unicode_line_separators_matches_the_backend() -> None:
+    # The backend's normalisation, done by hand: CRLF/CR → LF; ``/[\t ]+$/gm`` removes the blanks
+    # before each LF, U+2028, U+2029 and the end; then 3+ LF → 2.
+    raw = "Title \t\u2029\u2029Body  \u2028 \u2028end\t\r\n\r\n\r\nTail \u2029"
+    by_hand = "Title\u2029\u2029Body\u2028\u2028end\n\nTail\u2029"
+    assert normalize_markdown(raw) == by_hand
+    assert hashlib.sha256(by_hand.encode("utf-8")).hexdigest() == (
+        "475c01cea8669b434f90f9850fb261070b3208cf57a63d5e289f230a02907348"
+    )
+    assert content_hash(raw) == "475c01cea8669b434f90f9850fb261070b3208cf57a63d5e289f230a02907348"
+    # the issue's own example: "x \u2028y" hashes as "x\u2028y"
+    assert content_hash("x \u2028y") == "1b7192a795a80fdb263dfb49db6d0632cb89d199a30581af3a99936bb963f01e"
+
+
 def test_equivalent_texts_share_a_hash_and_different_texts_do_not() -> None:
     assert content_hash("Title\r\n\r\n\r\nBody  ") == content_hash("Title\n\nBody")
     assert content_hash("Title\n\nBody") != content_hash("Title\nBody")
     assert content_hash("Body") != content_hash(" Body")
     assert len(content_hash("x")) == 64
     assert content_hash("x") == content_hash("x").lower()
+
+
+# --- text a database column can hold ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored"),
+    [
+        ("", ""),
+        ("plain — text 🧠", "plain — text 🧠"),
+        ("a\x00b", "ab"),
+        ("\x00\x00", ""),
+        ("lone \ud800 high", "lone \ufffd high"),
+        ("lone \udfff low\x00", "lone \ufffd low"),
+        ("tab\tnl\ncr\r\x01\x7f", "tab\tnl\ncr\r\x01\x7f"),  # other control characters are storable
+    ],
+)
+def test_storable_text(raw: str, stored: str) -> None:
+    assert storable_text(raw) == stored
+    assert storable_text(stored) == stored
+    stored.encode("utf-8")  # always encodable
+
+
+def test_storable_json_cleans_strings_keys_and_non_finite_numbers() -> None:
+    raw = {
+        "Na\x00me": "ti\x00tle",
+        "nested": {"list": ["a\x00", 1, 2.5, float("nan"), None, True, ("x\ud83d",)]},
+        "inf": float("inf"),
+        "neg": float("-inf"),
+    }
+    assert storable_json(raw) == {
+        "Name": "title",
+        "nested": {"list": ["a", 1, 2.5, None, None, True, ["x\ufffd"]]},
+        "inf": None,
+        "neg": None,
+    }
+    assert raw["Na\x00me"] == "ti\x00tle"  # the input is not changed
+    assert storable_json("plain") == "plain" and storable_json(3) == 3 and storable_json(None) is None

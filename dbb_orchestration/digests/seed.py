@@ -88,9 +88,11 @@ def create_seed_digest_if_needed(
     ``mode`` so self-hosted users count as Pro) most recently synced non-deleted documents
     (``last_synced_at`` newest first, never-synced last, ties by id newest first), positions 1..n,
     ``content_hash_at_send`` = the current hash, status ``scheduled``, ``scheduled_for`` = ``now``,
-    ``payload_json`` ``{"source": "seed_after_first_sync"}``. A latest ``skipped`` digest is reused: set
-    back to ``scheduled`` (``sent_at``/``error_json`` cleared) and its items replaced, so no second
-    digest row appears. No documents (or 0 notes per digest) → nothing is written.
+    ``payload_json`` ``{"source": "seed_after_first_sync", "note_count": n}``. A latest ``skipped``
+    digest is reused: set back to ``scheduled`` (``sent_at``/``error_json`` cleared) and its items
+    replaced, so no second digest row appears; its payload is replaced by that same seed payload, so
+    nothing of the skip (``reason``, ``superseded_by``, an old idempotency key …) stays on a digest that
+    is then sent. No documents (or 0 notes per digest) → nothing is written.
 
     On Postgres it first takes the digest generation advisory lock (transaction-scoped), so it never
     interleaves with the hourly generation's read-then-insert for the same user. ``now`` must be
@@ -127,7 +129,7 @@ def create_seed_digest_if_needed(
                 scheduled_for=now,
                 sent_at=None,
                 error_json=None,
-                payload_json={**payload, "reused_skipped_digest": True},
+                payload_json=payload,
                 updated_at=now,
             )
         )

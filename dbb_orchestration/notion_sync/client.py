@@ -6,8 +6,9 @@ rate limiter. :func:`make_sdk_client` therefore builds the client with ``retry=F
 :class:`NotionApi` applies SPEC §11's policy itself, where it can also count attempts and pass every
 attempt through the connection's :class:`~dbb_orchestration.ratelimit.RateLimiter`:
 
-- 429 ``rate_limited``: wait ``Retry-After`` seconds (capped at 10 s), or the back-off when the header is
-  missing or unreadable;
+- 429 ``rate_limited``: wait ``Retry-After`` seconds as sent, bounded only by
+  ``NOTION_MAX_RETRY_WAIT_SECONDS`` (default 300 s), or the back-off when the header is missing or
+  unreadable;
 - 500/502/503/504, a request timeout or a transport error (connection reset, refused …): the back-off,
   400 ms doubling, capped at 10 s (every call made here only reads, so repeating it is safe);
 - at most 5 retries, then :class:`NotionRequestError`;
@@ -55,6 +56,7 @@ __all__ = [
 MAX_RETRIES = 5
 INITIAL_BACKOFF_SECONDS = 0.4
 MAX_BACKOFF_SECONDS = 10.0
+DEFAULT_MAX_RETRY_WAIT_SECONDS = 300.0
 REQUEST_TIMEOUT_MS = 60_000
 RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 _SDK_LOGGER = "dbb_orchestration.notion_sync.sdk"
@@ -63,12 +65,13 @@ _MESSAGE_LIMIT = 300
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """SPEC §11's numbers: at most ``max_retries`` retries, back-off ``initial`` seconds doubling, every
-    wait (``Retry-After`` included) capped at ``cap`` seconds."""
+    """At most ``max_retries`` retries; the back-off waits ``initial`` seconds doubling, capped at
+    ``cap``; a 429's ``Retry-After`` is waited as sent, bounded only by ``max_retry_after``."""
 
     max_retries: int = MAX_RETRIES
     initial: float = INITIAL_BACKOFF_SECONDS
     cap: float = MAX_BACKOFF_SECONDS
+    max_retry_after: float = DEFAULT_MAX_RETRY_WAIT_SECONDS
 
 
 class NotionApiError(Exception):
@@ -126,9 +129,10 @@ def retry_delay(status: int, retry_after: float | None, attempt: int, policy: Re
     the failure must not be retried.
 
     Retryable: ``status`` in :data:`RETRYABLE_STATUSES`, or 0 (timeout / transport error), while
-    ``attempt < policy.max_retries``. A 429 waits ``retry_after`` when given; everything else (and a 429
-    without it) waits ``policy.initial · 2^attempt``; every wait is capped at ``policy.cap``. A negative
-    ``attempt`` counts as 0.
+    ``attempt < policy.max_retries``. A 429 waits ``retry_after`` when given, at most
+    ``policy.max_retry_after`` (Notion says how long its limit lasts: retrying earlier only spends the
+    retries); everything else (and a 429 without it) waits ``policy.initial · 2^attempt``, at most
+    ``policy.cap``. A negative ``attempt`` counts as 0.
     """
     if status != 0 and status not in RETRYABLE_STATUSES:
         return None
@@ -136,7 +140,7 @@ def retry_delay(status: int, retry_after: float | None, attempt: int, policy: Re
     if attempt >= policy.max_retries:
         return None
     if status == 429 and retry_after is not None:
-        return min(retry_after, policy.cap)
+        return min(retry_after, max(0.0, policy.max_retry_after))
     return min(policy.initial * (2**attempt), policy.cap)
 
 
@@ -271,7 +275,8 @@ class NotionApi:
 class NotionResource(dg.ConfigurableResource):
     """Builds one :class:`NotionApi` per connection: ``NOTION_API_URL`` (default the real API),
     ``NOTION_REQUESTS_PER_SECOND`` (3; 0 = no pacing) through a fresh rate limiter per call, so each
-    connection has its own limit shared by its threads.
+    connection has its own limit shared by its threads, and ``NOTION_MAX_RETRY_WAIT_SECONDS`` (300) as
+    the longest ``Retry-After`` honoured.
 
     It also spaces connections that run one after another in the same process (the job's in-process
     executor shares one resource instance between its steps): :meth:`pause_between_connections` waits
@@ -288,6 +293,7 @@ class NotionResource(dg.ConfigurableResource):
         return NotionApi(
             make_sdk_client(token, settings.notion_api_url),
             rate_limiter=RateLimiter(settings.notion_requests_per_second),
+            policy=RetryPolicy(max_retry_after=settings.notion_max_retry_wait_seconds),
         )
 
     @contextmanager

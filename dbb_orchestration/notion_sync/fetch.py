@@ -118,18 +118,28 @@ def build_query_body(since: datetime | None, start_cursor: str | None = None) ->
     return body
 
 
-def next_since(previous: datetime | None, newest_seen: datetime | None, started_at: datetime) -> datetime:
+def next_since(
+    previous: datetime | None,
+    newest_seen: datetime | None,
+    started_at: datetime,
+    *,
+    hold: datetime | None = None,
+) -> datetime:
     """The cursor after a successful sync.
 
     The newer of ``previous`` and ``newest_seen`` (the newest ``last_edited_time`` among pages the sync
     handled); with neither (a first sync that found no page) the minute the sync started,
-    ``floor_to_minute(started_at)``, so a page created in that minute is still read next time. The
-    cursor never moves backwards. A failed sync does not call this: its cursor stays where it was.
+    ``floor_to_minute(started_at)``, so a page created in that minute is still read next time. ``hold``
+    is the earliest ``last_edited_time`` of a page that was read but could not be stored: the cursor
+    stays at or before it, so the next sync reads that page again. The cursor never moves backwards
+    (a ``hold`` older than ``previous`` leaves ``previous``: the next query starts at its minute, which
+    still includes that page). A failed sync does not call this: its cursor stays where it was.
     """
     candidates = [t for t in (previous, newest_seen) if t is not None]
-    if candidates:
-        return max(candidates)
-    return floor_to_minute(started_at)
+    cursor = max(candidates) if candidates else floor_to_minute(started_at)
+    if hold is not None and hold < cursor:
+        cursor = hold if previous is None else max(hold, previous)
+    return cursor
 
 
 @dataclass(frozen=True)

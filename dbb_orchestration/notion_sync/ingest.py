@@ -9,8 +9,9 @@ Notion gave none) and the stored row, if any, whose *newest time* is the later o
 * upsert (:func:`decide_upsert`): no row → ``insert``; ``t`` older than the newest time → ``stale``;
   ``t`` equal to it and the row deleted → ``stale``; equal and the same content hash → ``unchanged``;
   anything else → ``update`` (which clears ``deleted_at_source``);
-* delete (:func:`decide_delete`, an archived or trashed page): no row → ``tombstone`` (a deleted row
-  is inserted so an older copy cannot resurrect it); ``t`` older than the newest time → ``stale``; row
+* delete (:func:`decide_delete`, an archived or trashed page): no row → ``archived`` (nothing is
+  written: like the backend, a page this location never stored leaves no row, so a user whose only
+  pages are in the trash still has no documents); ``t`` older than the newest time → ``stale``; row
   already deleted → ``already_deleted``; otherwise ``delete`` (``deleted_at_source = t``).
 
 Note cap: a page that would add a live note (no row, or a deleted row coming back) needs room under
@@ -40,13 +41,14 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
-from dbb_orchestration.content import ContentKeyring, encode_content
+from dbb_orchestration.content import ContentKeyring, encode_content, storable_json, storable_text
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.plans import DeploymentMode, is_pro, plan_limits
 
 __all__ = [
     "NOTE_LIMIT_REACHED",
+    "UNSTORABLE",
     "Decision",
     "NoteBudget",
     "StoredDocument",
@@ -56,7 +58,7 @@ __all__ = [
     "decide_upsert",
     "document_row",
     "finish_sync_run",
-    "insert_tombstones",
+    "is_unstorable_row_error",
     "is_known_unchanged",
     "is_stale",
     "load_stored",
@@ -72,6 +74,8 @@ __all__ = [
 ]
 
 NOTE_LIMIT_REACHED = "note_limit_reached"
+UNSTORABLE = "unstorable"
+"""Rejection reason of a page whose row the database refused even after cleaning."""
 FRESHNESS_MARGIN = timedelta(seconds=2)
 _DOCS = t.documents
 
@@ -82,7 +86,8 @@ class Decision(StrEnum):
     UNCHANGED = "unchanged"
     STALE = "stale"
     DELETE = "delete"
-    TOMBSTONE = "tombstone"
+    ARCHIVED_UNKNOWN = "archived"
+    """An archived or trashed page with no stored row: skipped, nothing written."""
     ALREADY_DELETED = "already_deleted"
 
 
@@ -145,9 +150,9 @@ def decide_upsert(stored: StoredDocument | None, source_time: datetime, content_
 
 
 def decide_delete(stored: StoredDocument | None, source_time: datetime) -> Decision:
-    """``tombstone``, ``stale``, ``already_deleted`` or ``delete`` (rules in the module docstring)."""
+    """``archived``, ``stale``, ``already_deleted`` or ``delete`` (rules in the module docstring)."""
     if stored is None:
-        return Decision.TOMBSTONE
+        return Decision.ARCHIVED_UNKNOWN
     newest = stored.newest_time
     if newest is not None and source_time < newest:
         return Decision.STALE
@@ -255,25 +260,39 @@ def document_row(
     deleted_at_source: datetime | None,
     now: datetime,
 ) -> dict[str, Any]:
-    """Column values of one ``documents`` row, content encoded with the newest key (or ``none``)."""
-    encoded = encode_content(markdown, keyring)
+    """Column values of one ``documents`` row, content encoded with the newest key (or ``none``).
+
+    Title, content and metadata are first made storable (:func:`~dbb_orchestration.content.storable_text`
+    / :func:`~dbb_orchestration.content.storable_json`: NUL removed, lone surrogates → U+FFFD, NaN →
+    ``null``), so one odd character in a page never makes Postgres refuse the batch; the content hash is
+    of the stored text."""
+    encoded = encode_content(storable_text(markdown), keyring)
     return {
         "user_id": user_id,
         "connection_id": connection_id,
         "external_id": external_id,
-        "title": title,
+        "title": storable_text(title),
         "content_ciphertext": encoded.ciphertext,
         "content_iv": encoded.iv,
         "content_alg": encoded.alg,
         "content_key_version": encoded.key_version,
         "content_hash": encoded.content_hash,
         "content_size_bytes": encoded.size_bytes,
-        "metadata_json": dict(metadata),
+        "metadata_json": storable_json(dict(metadata)),
         "created_at_source": created_at_source,
         "updated_at_source": updated_at_source,
         "deleted_at_source": deleted_at_source,
         "last_synced_at": now,
     }
+
+
+def is_unstorable_row_error(exc: BaseException) -> bool:
+    """Whether ``exc``, raised while writing document rows, is about the rows' values (the database
+    refused a value: bad text or JSON, a constraint) rather than about the database (connection lost,
+    timeout, missing table): only then does writing the rows one by one help."""
+    if isinstance(exc, sa.exc.DataError | sa.exc.IntegrityError | UnicodeError):
+        return True
+    return isinstance(exc, sa.exc.StatementError) and isinstance(exc.orig, UnicodeError | ValueError)
 
 
 def _insert(conn: sa.Connection) -> Any:
@@ -315,20 +334,6 @@ def upsert_documents(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> 
         set_={name: stmt.excluded[name] for name in _UPSERT_COLUMNS},
         where=not_stale,
     ).returning(_DOCS.c.external_id)
-    return set(conn.execute(stmt).scalars())
-
-
-def insert_tombstones(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> set[str]:
-    """Insert deleted rows for pages never stored (``deleted_at_source`` set, empty content); a row that
-    appeared meanwhile is left alone. Returns the external ids inserted."""
-    if not rows:
-        return set()
-    stmt = (
-        _insert(conn)(_DOCS)
-        .values([dict(r) for r in rows])
-        .on_conflict_do_nothing(index_elements=_CONFLICT_KEYS)
-        .returning(_DOCS.c.external_id)
-    )
     return set(conn.execute(stmt).scalars())
 
 

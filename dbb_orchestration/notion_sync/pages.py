@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from dbb_orchestration.content import storable_text
 from dbb_orchestration.notion_sync.markdown import rich_text_to_markdown, trim
 
 UNTITLED = "Untitled"
@@ -167,11 +168,13 @@ def page_title(page: Mapping[str, Any]) -> str:
 
     Takes the first property whose ``type`` is ``"title"``, renders its rich text with
     :func:`~dbb_orchestration.notion_sync.markdown.rich_text_to_markdown` and trims it (JavaScript
-    whitespace set). No title property, a malformed one, or only whitespace → ``"Untitled"``.
+    whitespace set). Characters a database text column cannot hold are dropped first
+    (:func:`~dbb_orchestration.content.storable_text`). No title property, a malformed one, or only
+    whitespace (or NULs) → ``"Untitled"``.
     """
     for prop in _mapping(page.get("properties")).values():
         if isinstance(prop, Mapping) and prop.get("type") == "title":
-            return trim(rich_text_to_markdown(prop.get("title"))) or UNTITLED
+            return trim(storable_text(rich_text_to_markdown(prop.get("title")))) or UNTITLED
     return UNTITLED
 
 

@@ -193,17 +193,6 @@ def equation(expression: str) -> dict[str, Any]:
     }
 
 
-def mention_text(plain_text: str, *, mention: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One ``mention`` rich text item (default: a date mention) showing ``plain_text``."""
-    return {
-        "type": "mention",
-        "mention": dict(mention) if mention is not None else {"type": "date", "date": {"start": plain_text}},
-        "annotations": _default_annotations(),
-        "plain_text": plain_text,
-        "href": None,
-    }
-
-
 RichTextInput = str | Mapping[str, Any] | Sequence[Mapping[str, Any] | str] | None
 
 
@@ -272,10 +261,6 @@ def block(
     return result
 
 
-def title_property(text: RichTextInput) -> dict[str, Any]:
-    return {"type": "title", "title": _rich(text)}
-
-
 def rich_text_property(text: RichTextInput) -> dict[str, Any]:
     return {"type": "rich_text", "rich_text": _rich(text)}
 
@@ -284,33 +269,12 @@ def select_property(name: str | None, *, color: str = "default") -> dict[str, An
     return {"type": "select", "select": _option(name, color) if name is not None else None}
 
 
-def status_property(name: str | None, *, color: str = "default") -> dict[str, Any]:
-    return {"type": "status", "status": _option(name, color) if name is not None else None}
-
-
 def multi_select_property(*names: str) -> dict[str, Any]:
     return {"type": "multi_select", "multi_select": [_option(name, "default") for name in names]}
 
 
 def checkbox_property(value: bool) -> dict[str, Any]:
     return {"type": "checkbox", "checkbox": value}
-
-
-def number_property(value: float | None) -> dict[str, Any]:
-    return {"type": "number", "number": value}
-
-
-def url_property(value: str | None) -> dict[str, Any]:
-    return {"type": "url", "url": value}
-
-
-def date_property(
-    start: str | None, end: str | None = None, *, time_zone: str | None = None
-) -> dict[str, Any]:
-    return {
-        "type": "date",
-        "date": None if start is None else {"start": start, "end": end, "time_zone": time_zone},
-    }
 
 
 def _option(name: str, color: str) -> dict[str, Any]:
@@ -667,12 +631,6 @@ class FakeNotion(LoopbackServer):
         with self._lock:
             return self._page_object(self._pages[normalize_id(page_id)])
 
-    def page_ids(self, data_source_id: str | None = None) -> list[str]:
-        """Page ids in insertion order, optionally of one data source."""
-        with self._lock:
-            ds = normalize_id(data_source_id) if data_source_id is not None else None
-            return [pid for pid in self._page_order if ds is None or self._pages[pid].data_source_id == ds]
-
     def load_seed(self, seed: Mapping[str, Any]) -> None:
         """Load a JSON-shaped description (used by the CLI and the demo)::
 
@@ -746,10 +704,6 @@ class FakeNotion(LoopbackServer):
         )
         with self._lock:
             self._faults.append(fault)
-
-    def clear_faults(self) -> None:
-        with self._lock:
-            self._faults.clear()
 
     def set_delay(self, seconds: float) -> None:
         """Hold every later response ``seconds`` (0 = off). Negative raises ``ValueError``."""

@@ -94,6 +94,51 @@ def test_reuses_a_latest_skipped_digest_instead_of_adding_one(engine: sa.Engine)
         assert [d for d, _p, _h in _items(conn, skipped_id)] == new_docs[::-1][:5]
 
 
+@pytest.mark.parametrize(
+    "skip_payload",
+    [
+        {"reason": "no_documents"},  # what the backend's daily generation writes
+        {"reason": "empty_selection"},
+        {"reason": "superseded_by_newer_pending_digest", "superseded_by": 41},
+        {"reason": "empty_snapshot", "idempotency_key": "note-digest-7", "last_attempt_at": "x"},
+        None,
+    ],
+)
+def test_a_reused_digest_keeps_nothing_of_its_skip(
+    engine: sa.Engine, skip_payload: dict[str, object] | None
+) -> None:
+    with engine.begin() as conn:
+        f.user(conn, "u1")
+        skipped_id = f.digest(
+            conn, "u1", status="skipped", created_at=NOW - timedelta(days=1), payload=skip_payload
+        )
+        conn.execute(
+            sa.update(t.note_digests)
+            .where(t.note_digests.c.id == skipped_id)
+            .values(error_json={"message": "old"}, sent_at=NOW - timedelta(days=1))
+        )
+        _docs(conn, "u1", 2)
+        assert create_seed_digest_if_needed(conn, "u1", NOW).outcome == "reused"
+    with engine.connect() as conn:
+        (digest,) = _digests(conn, "u1")
+    # exactly what a newly created seed digest carries: no reason, no stale provider keys
+    assert digest.payload_json == {"source": SEED_SOURCE, "note_count": 2}
+    assert (digest.status, digest.error_json, digest.sent_at) == ("scheduled", None, None)
+
+
+def test_created_and_reused_seed_digests_carry_the_same_payload(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        f.user(conn, "new")
+        f.user(conn, "old")
+        f.digest(conn, "old", status="skipped", payload={"reason": "no_documents"})
+        _docs(conn, "new", 3)
+        _docs(conn, "old", 3)
+        assert create_seed_digest_if_needed(conn, "new", NOW).outcome == "created"
+        assert create_seed_digest_if_needed(conn, "old", NOW).outcome == "reused"
+    with engine.connect() as conn:
+        assert _digests(conn, "new")[0].payload_json == _digests(conn, "old")[0].payload_json
+
+
 @pytest.mark.parametrize("status", ["scheduled", "sent", "failed"])
 def test_leaves_users_with_a_live_latest_digest_alone(engine: sa.Engine, status: str) -> None:
     with engine.begin() as conn:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from dbb_orchestration.config import SettingsError
 from dbb_orchestration.notion_sync.client import (
     NotionApi,
     NotionNotFound,
@@ -43,9 +44,13 @@ def test_retry_delay_backoff_doubles_from_400ms_and_is_capped() -> None:
     assert delays == [0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0]
 
 
-def test_retry_delay_honours_retry_after_on_429_capped_at_10s() -> None:
+def test_retry_delay_honours_retry_after_on_429_as_sent_up_to_the_maximum_wait() -> None:
     assert retry_delay(429, 2.0, 0, POLICY) == 2.0
-    assert retry_delay(429, 30.0, 3, POLICY) == 10.0
+    assert retry_delay(429, 30.0, 3, POLICY) == 30.0  # not cut to the back-off cap
+    assert retry_delay(429, 300.0, 0, POLICY) == 300.0  # the default maximum
+    assert retry_delay(429, 301.0, 0, POLICY) == 300.0
+    assert retry_delay(429, 90.0, 0, RetryPolicy(max_retry_after=60.0)) == 60.0
+    assert retry_delay(429, 5.0, 0, RetryPolicy(max_retry_after=0.0)) == 0.0
     assert retry_delay(429, None, 2, POLICY) == 1.6  # no header: the back-off
     assert retry_delay(503, 5.0, 0, POLICY) == 0.4  # Retry-After only counts on 429
 
@@ -117,12 +122,22 @@ def test_429_with_retry_after_then_success(
     assert (api.requests, api.retries, limiter.acquired) == (2, 1, 2)
 
 
-def test_retry_after_is_capped_at_10_seconds(fake: FakeNotion, api: NotionApi, sleeps: Sleeps) -> None:
+def test_retry_after_of_30_seconds_waits_30_seconds(fake: FakeNotion, api: NotionApi, sleeps: Sleeps) -> None:
     fake.fail_next("/v1/databases/", status=429, count=2, retry_after=30)
 
     api.retrieve_database(DB)
 
-    assert sleeps.calls == [10.0, 10.0]
+    assert sleeps.calls == [30.0, 30.0]
+    assert (api.retries, api.retry_wait_seconds) == (2, 60.0)
+
+
+def test_retry_after_beyond_the_maximum_wait_is_bounded(fake: FakeNotion, sleeps: Sleeps) -> None:
+    fake.fail_next("/v1/databases/", status=429, count=1, retry_after=3600)
+    policy = RetryPolicy(max_retry_after=120.0)
+    with NotionApi(make_sdk_client(TOKEN, fake.base_url), sleep=sleeps, policy=policy) as api:
+        api.retrieve_database(DB)
+
+    assert sleeps.calls == [120.0]
 
 
 def test_429_without_retry_after_backs_off_from_400ms(
@@ -216,10 +231,24 @@ def test_resource_builds_a_client_for_the_configured_url(fake: FakeNotion) -> No
     with resource.open(TOKEN) as api:
         assert api.retrieve_database(DB)["id"] == DB
         assert api.rate_limiter.interval == 0.0
+        assert api.policy.max_retry_after == 300.0  # NOTION_MAX_RETRY_WAIT_SECONDS' default
 
     [request] = fake.requests
     assert request.token == TOKEN
     assert request.notion_version == "2025-09-03"
+
+
+def test_resource_takes_the_maximum_retry_wait_from_the_settings(fake: FakeNotion) -> None:
+    env = {"DATABASE_URL": "sqlite://", "NOTION_API_URL": fake.base_url}
+    resource = NotionResource(
+        settings=SettingsResource(overrides={**env, "NOTION_MAX_RETRY_WAIT_SECONDS": "45"})
+    )
+    with resource.open(TOKEN) as api:
+        assert api.policy.max_retry_after == 45.0
+
+    bad = NotionResource(settings=SettingsResource(overrides={**env, "NOTION_MAX_RETRY_WAIT_SECONDS": "-1"}))
+    with pytest.raises(SettingsError, match="NOTION_MAX_RETRY_WAIT_SECONDS"):
+        bad.client(TOKEN)
 
 
 def test_resource_paces_connections() -> None:

@@ -91,6 +91,19 @@ def test_next_since() -> None:
     assert next_since(None, None, started) == datetime(2026, 2, 9, 3, 0, tzinfo=UTC)  # the start's minute
 
 
+def test_next_since_never_passes_a_page_that_was_not_stored() -> None:
+    old = datetime(2026, 2, 1, 10, 0, tzinfo=UTC)
+    failed = datetime(2026, 2, 5, 9, 0, tzinfo=UTC)
+    seen = datetime(2026, 2, 8, 9, 0, tzinfo=UTC)
+    started = datetime(2026, 2, 9, 3, 0, 41, tzinfo=UTC)
+    assert next_since(old, seen, started, hold=failed) == failed
+    assert next_since(None, seen, started, hold=failed) == failed  # first sync
+    assert next_since(old, seen, started, hold=seen) == seen
+    assert next_since(old, failed, started, hold=seen) == failed  # a hold after the newest: no effect
+    assert next_since(failed, seen, started, hold=old) == failed  # never backwards
+    assert next_since(old, seen, started, hold=None) == seen
+
+
 def test_data_sources_of() -> None:
     database = {"data_sources": [{"id": "a", "name": "A"}, {"name": "no id"}, "junk", {"id": "b"}]}
     assert data_sources_of(database, "db") == [DataSourceRef("db", "a"), DataSourceRef("db", "b")]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from dbb_orchestration.content import ContentKeyring, decode_content
+from dbb_orchestration.content import ContentKeyring, content_hash, decode_content
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.notion_sync.ingest import (
     Decision,
@@ -18,9 +18,9 @@ from dbb_orchestration.notion_sync.ingest import (
     decide_upsert,
     document_row,
     finish_sync_run,
-    insert_tombstones,
     is_known_unchanged,
     is_stale,
+    is_unstorable_row_error,
     load_stored,
     mark_deleted,
     note_limit_for_user,
@@ -76,7 +76,7 @@ def test_decide_upsert(
 @pytest.mark.parametrize(
     ("row", "source_time", "expected"),
     [
-        (None, T, Decision.TOMBSTONE),
+        (None, T, Decision.ARCHIVED_UNKNOWN),  # never stored: nothing is written
         (stored(), LATER, Decision.DELETE),
         (stored(), T, Decision.DELETE),  # trashed in the same minute as the last edit
         (stored(), EARLIER, Decision.STALE),
@@ -184,7 +184,9 @@ def test_upsert_revives_a_deleted_row_only_when_newer(setup: tuple[sa.Engine, in
     engine, cid = setup
     now = T + timedelta(hours=1)
     with engine.begin() as conn:
-        insert_tombstones(conn, [_row("gone", "", T, now, deleted=True, connection_id=cid)])
+        upsert_documents(conn, [_row("gone", "here", EARLIER, now, connection_id=cid)])
+        gone_id = conn.execute(sa.select(t.documents.c.id)).scalar_one()
+        assert mark_deleted(conn, [(gone_id, T)], now) == 1
         assert upsert_documents(conn, [_row("gone", "back?", T, now, connection_id=cid)]) == set()
         assert upsert_documents(conn, [_row("gone", "back!", LATER, now, connection_id=cid)]) == {"gone"}
         row = conn.execute(sa.select(t.documents).where(t.documents.c.external_id == "gone")).one()
@@ -192,7 +194,7 @@ def test_upsert_revives_a_deleted_row_only_when_newer(setup: tuple[sa.Engine, in
     assert row.updated_at_source == LATER
 
 
-def test_tombstones_deletes_and_touch(setup: tuple[sa.Engine, int]) -> None:
+def test_deletes_and_touch(setup: tuple[sa.Engine, int]) -> None:
     engine, cid = setup
     now = T + timedelta(hours=1)
     with engine.begin() as conn:
@@ -200,25 +202,72 @@ def test_tombstones_deletes_and_touch(setup: tuple[sa.Engine, int]) -> None:
         ids = {
             r.external_id: r.id for r in conn.execute(sa.select(t.documents.c.external_id, t.documents.c.id))
         }
-        tombstoned = insert_tombstones(
-            conn,
-            [
-                _row("unknown", "", T, now, deleted=True, connection_id=cid),
-                _row("live", "", T, now, deleted=True, connection_id=cid),
-            ],
-        )
         deleted = mark_deleted(conn, [(ids["old"], LATER), (ids["newer"], EARLIER)], now)
         touched = touch_synced(conn, [ids["live"]], now + timedelta(hours=1))
         not_back = touch_synced(conn, [ids["live"]], now)  # never moves backwards
         rows = {r.external_id: r for r in conn.execute(sa.select(t.documents))}
         live = count_live_documents(conn, "u1")
-    assert tombstoned == {"unknown"}  # "live" exists: left alone
     assert (deleted, touched, not_back) == (1, 1, 0)
-    assert rows["unknown"].deleted_at_source == T and rows["unknown"].content_size_bytes == 0
     assert rows["old"].deleted_at_source == LATER
     assert rows["newer"].deleted_at_source is None  # the deletion is older than the row
     assert rows["live"].last_synced_at == now + timedelta(hours=1)
     assert live == 2  # live, newer
+
+
+def test_document_row_makes_title_content_and_metadata_storable() -> None:
+    row = document_row(
+        user_id="u1",
+        connection_id=1,
+        external_id="p",
+        title="a\x00b\udfff",
+        markdown="x\x00y \ud800",
+        keyring=ContentKeyring.empty(),
+        metadata={"url": "h\x00", "propertiesSummary": {"K\x00": ["v\x00", float("nan")]}},
+        created_at_source=None,
+        updated_at_source=T,
+        deleted_at_source=None,
+        now=T,
+    )
+    assert row["title"] == "ab\ufffd"
+    assert decode_content(row["content_ciphertext"], "none", "none", 0, ContentKeyring.empty()).text == (
+        "xy \ufffd"
+    )
+    assert row["content_hash"] == content_hash("xy \ufffd")
+    assert row["content_size_bytes"] == len("xy \ufffd".encode())
+    assert row["metadata_json"] == {"url": "h", "propertiesSummary": {"K": ["v", None]}}
+
+
+def test_document_rows_with_nul_are_stored(setup: tuple[sa.Engine, int]) -> None:
+    engine, cid = setup
+    row = document_row(
+        user_id="u1",
+        connection_id=cid,
+        external_id="nul",
+        title="ti\x00tle",
+        markdown="te\x00xt",
+        keyring=ContentKeyring.empty(),
+        metadata={"propertiesSummary": {"Note": "n\x00b"}},
+        created_at_source=T,
+        updated_at_source=T,
+        deleted_at_source=None,
+        now=T,
+    )
+    with engine.begin() as conn:
+        assert upsert_documents(conn, [row]) == {"nul"}
+        stored_row = conn.execute(sa.select(t.documents)).one()
+    assert (stored_row.title, stored_row.metadata_json) == ("title", {"propertiesSummary": {"Note": "nb"}})
+
+
+def test_unstorable_row_errors_are_the_value_errors_only() -> None:
+    orig = Exception("driver says no")
+    assert is_unstorable_row_error(sa.exc.DataError("INSERT", {}, orig))
+    assert is_unstorable_row_error(sa.exc.IntegrityError("INSERT", {}, orig))
+    assert is_unstorable_row_error(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+    assert is_unstorable_row_error(sa.exc.StatementError("bad", "INSERT", {}, ValueError("x")))
+    assert not is_unstorable_row_error(sa.exc.OperationalError("INSERT", {}, orig))  # server gone
+    assert not is_unstorable_row_error(sa.exc.ProgrammingError("INSERT", {}, orig))  # no such table
+    assert not is_unstorable_row_error(sa.exc.InterfaceError("INSERT", {}, orig))
+    assert not is_unstorable_row_error(RuntimeError("bug"))
 
 
 def test_encrypted_rows_use_the_newest_key(setup: tuple[sa.Engine, int]) -> None:

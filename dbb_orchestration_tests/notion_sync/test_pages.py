@@ -83,6 +83,11 @@ def test_title_empty_is_untitled(properties: dict[str, Any]) -> None:
     assert page_title(page(properties)) == "Untitled"
 
 
+def test_title_drops_characters_a_text_column_cannot_hold() -> None:
+    assert page_title(page({"Name": title_prop(rt("Ti\x00tle"), rt(" \ud800"))})) == "Title \ufffd"
+    assert page_title(page({"Name": title_prop(rt(" \x00 "))})) == "Untitled"
+
+
 def test_title_without_properties_key() -> None:
     assert page_title({"object": "page"}) == "Untitled"
 

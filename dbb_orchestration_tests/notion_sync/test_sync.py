@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from dbb_orchestration.content import ContentKeyring, decode_content
+from dbb_orchestration.content import ContentKeyring, content_hash, decode_content
+from dbb_orchestration.db import create_db_engine
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.notion_sync.sync import (
     ConnectionSyncResult,
@@ -23,7 +24,12 @@ from dbb_orchestration.notion_sync.sync import (
 from dbb_orchestration.plans import DeploymentMode
 from dbb_orchestration.testing import FakeNotion
 from dbb_orchestration.testing import factories as f
-from dbb_orchestration.testing.fake_notion import block, checkbox_property, select_property
+from dbb_orchestration.testing.fake_notion import (
+    block,
+    checkbox_property,
+    rich_text_property,
+    select_property,
+)
 from dbb_orchestration_tests.notion_sync.conftest import T0, ApiFactory, Clock, notion_connection
 
 CLOUD = SyncOptions(ContentKeyring.empty(), DeploymentMode.CLOUD)
@@ -190,18 +196,18 @@ def test_429_with_retry_after_then_success(
     with engine.begin() as conn:
         cid = notion_connection(conn, fake, "u1", ["db1"])
     fake.fail_next("/v1/data_sources/", status=429, count=1, retry_after=1)
-    fake.fail_next("/v1/blocks/", status=429, count=1, retry_after=3)
+    fake.fail_next("/v1/blocks/", status=429, count=1, retry_after=30)
 
     result = run(engine, cid, open_api, clock)
 
     assert result.status is SyncStatus.SUCCESS
-    assert sorted(open_api.sleeps) == [1.0, 3.0]
+    assert sorted(open_api.sleeps) == [1.0, 30.0]  # Retry-After as sent, not cut to 10 s
     assert (result.stats.retries, result.stats.requests) == (2, 5)
     assert documents(engine)["p1"]["text"] == "x"
     assert sync_runs(engine, cid)[0].stats_json["retries"] == 2
 
 
-def test_deleted_pages_update_rows_or_leave_tombstones(
+def test_trashed_pages_mark_known_rows_deleted_and_leave_no_row_for_unknown_ones(
     engine: sa.Engine, fake: FakeNotion, open_api: ApiFactory, clock: Clock
 ) -> None:
     fake.add_database("db1", ["ds1"])
@@ -225,13 +231,33 @@ def test_deleted_pages_update_rows_or_leave_tombstones(
     second = run(engine, cid, open_api, clock)
 
     assert second.status is SyncStatus.SUCCESS
-    assert second.stats.accepted == {"deleted": 1, "tombstoned": 1}
-    assert second.stats.skipped == {"not_found": 1}
+    assert second.stats.accepted == {"deleted": 1}
+    assert second.stats.skipped == {"archived": 1, "not_found": 1}
     docs = documents(engine)
     assert docs["trash-me"]["deleted_at_source"] == trashed_at.replace(second=0, microsecond=0)
-    assert docs["never-seen"]["deleted_at_source"] is not None and docs["never-seen"]["text"] == ""
     assert docs["keep"]["deleted_at_source"] is None
-    assert "vanishing" not in docs
+    # Like the backend: a trashed page never stored writes no row (not even a deleted one).
+    assert set(docs) == {"keep", "trash-me"}
+
+
+def test_a_user_whose_only_pages_are_trashed_has_no_document_rows(
+    engine: sa.Engine, fake: FakeNotion, open_api: ApiFactory, clock: Clock
+) -> None:
+    fake.add_database("db1", ["ds1"])
+    with engine.begin() as conn:
+        cid = notion_connection(conn, fake, "u1", ["db1"])
+    assert run(engine, cid, open_api, clock).status is SyncStatus.SUCCESS  # first sync: empty database
+
+    clock.advance(days=7)
+    fake.add_page("ds1", "binned", "Binned", clock.now - timedelta(hours=1), in_trash=True)
+    fake.add_page("ds1", "archived", "Archived", clock.now - timedelta(hours=2), archived=True)
+
+    incremental = run(engine, cid, open_api, clock)
+
+    assert incremental.status is SyncStatus.SUCCESS
+    assert incremental.stats.skipped == {"archived": 2}
+    assert incremental.stats.accepted == {}
+    assert documents(engine) == {}
 
 
 def test_page_edited_twice_in_the_same_minute(
@@ -547,3 +573,144 @@ def test_seed_failure_is_reported_after_the_sync_is_recorded(
     assert result.status is SyncStatus.SUCCESS and result.failed
     assert result.seed_error == "RuntimeError: seed exploded"
     assert sync_runs(engine, cid)[0].status == "success"
+
+
+def test_characters_postgres_refuses_are_cleaned_per_page_and_siblings_are_stored(
+    engine: sa.Engine, fake: FakeNotion, open_api: ApiFactory
+) -> None:
+    fake.add_database("db1", ["ds1"])
+    fake.add_page("ds1", "before", "Before", T0, blocks=[block("paragraph", "fine")])
+    fake.add_page("ds1", "only-nul", "\x00", T0 + timedelta(minutes=1), blocks=[block("paragraph", "x")])
+    fake.add_page("ds1", "after", "After", T0 + timedelta(minutes=2), blocks=[block("paragraph", "ok")])
+    fake.add_page(
+        "ds1", "nul", "Ti\x00tle \ud800", T0 + timedelta(minutes=3),
+        properties={"Kind": select_property("bo\x00ok"), "Note\x00": rich_text_property("n\x00b")},
+        blocks=[block("paragraph", "a\x00b"), block("paragraph", "lone \udc00 surrogate")],
+    )  # fmt: skip
+    with engine.begin() as conn:
+        cid = notion_connection(conn, fake, "u1", ["db1"])
+    clock = Clock(T0 + timedelta(minutes=3, seconds=30))  # within the newest page's minute
+
+    first = run(engine, cid, open_api, clock)
+
+    assert first.status is SyncStatus.SUCCESS, first.error
+    assert first.stats.accepted == {"inserted": 4}
+    assert first.cursor == "2026-02-08T10:03:00.000Z"
+    docs = documents(engine)
+    assert set(docs) == {"before", "nul", "only-nul", "after"}
+    cleaned = docs["nul"]
+    assert cleaned["title"] == "Title \ufffd"
+    assert cleaned["text"] == "ab\n\nlone \ufffd surrogate"
+    assert cleaned["content_hash"] == content_hash("ab\n\nlone \ufffd surrogate")
+    assert cleaned["metadata_json"]["propertiesSummary"] == {
+        "Kind": "book",
+        "Note": "nb",
+        "Name": "Title \ufffd",
+    }
+    assert docs["only-nul"]["title"] == "Untitled"
+
+    # The page was read inside its edit minute, so the next sync reads it again: its stored hash is
+    # of the stored (cleaned) text, so the unchanged page is recognised and nothing is rewritten.
+    clock.advance(days=7)
+    fake.reset_log()
+    second = run(engine, cid, open_api, clock)
+    assert children_requests(fake) == ["nul"]
+    assert second.stats.accepted == {}
+    assert second.stats.skipped == {"unchanged": 1}
+
+
+def _refuse_title(engine: sa.Engine, title: str) -> None:
+    """A real constraint that makes the database refuse one page's row (the way a character it cannot
+    hold would), on either database."""
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(
+                sa.text(f"ALTER TABLE documents ADD CONSTRAINT test_refuse CHECK (title <> '{title}')")
+            )
+        else:
+            for event in ("INSERT", "UPDATE"):
+                conn.execute(
+                    sa.text(
+                        f"CREATE TRIGGER test_refuse_{event.lower()} BEFORE {event} ON documents "
+                        f"WHEN NEW.title = '{title}' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+                    )
+                )
+
+
+def _accept_all_titles(engine: sa.Engine) -> None:
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(sa.text("ALTER TABLE documents DROP CONSTRAINT test_refuse"))
+        else:
+            conn.execute(sa.text("DROP TRIGGER test_refuse_insert"))
+            conn.execute(sa.text("DROP TRIGGER test_refuse_update"))
+
+
+def test_a_page_the_database_still_refuses_is_isolated_and_holds_the_cursor(
+    engine: sa.Engine, fake: FakeNotion, open_api: ApiFactory, clock: Clock
+) -> None:
+    fake.add_database("db1", ["ds1"])
+    fake.add_page("ds1", "old", "Old", T0, blocks=[block("paragraph", "o")])
+    fake.add_page("ds1", "refused", "Refused", T0 + timedelta(minutes=5), blocks=[block("paragraph", "r")])
+    fake.add_page("ds1", "new", "New", T0 + timedelta(minutes=9), blocks=[block("paragraph", "n")])
+    with engine.begin() as conn:
+        cid = notion_connection(conn, fake, "u1", ["db1"])
+    _refuse_title(engine, "Refused")
+    seed = SeedCalls()
+
+    first = run(engine, cid, open_api, clock, seed=seed)
+
+    assert first.status is SyncStatus.SUCCESS, first.error
+    assert first.stats.accepted == {"inserted": 2}
+    assert first.stats.rejected == {"unstorable": 1}
+    assert set(documents(engine)) == {"old", "new"}
+    # The cursor stops at the refused page's minute, not the newest page's.
+    assert first.cursor == "2026-02-08T10:05:00.000Z"
+    [row] = sync_runs(engine, cid)
+    assert row.status == "success"
+    assert row.stats_json["documents"]["rejected"] == {"unstorable": 1}
+    assert row.stats_json["unstorablePageIds"] == ["refused"]
+    assert seed.calls  # the rest of the connection counts as synced
+
+    # Once the database accepts it, the next incremental sync stores it.
+    _accept_all_titles(engine)
+    clock.advance(days=7)
+    fake.reset_log()
+    second = run(engine, cid, open_api, clock)
+
+    assert query_bodies(fake)[0]["filter"]["last_edited_time"] == {"on_or_after": "2026-02-08T10:04:58.000Z"}
+    assert second.stats.accepted == {"inserted": 1}
+    assert documents(engine)["refused"]["text"] == "r"
+    assert second.cursor == "2026-02-08T10:09:00.000Z"
+
+
+@pytest.mark.postgres
+def test_a_database_error_that_is_not_about_a_value_still_fails_the_connection(
+    postgres_url: str, fake: FakeNotion, open_api: ApiFactory, clock: Clock
+) -> None:
+    engine = create_db_engine(postgres_url)
+    fake.add_database("db1", ["ds1"])
+    fake.add_page("ds1", "p1", "One", T0, blocks=[block("paragraph", "x")])
+    with engine.begin() as conn:
+        cid = notion_connection(conn, fake, "u1", ["db1"])
+        # Every write of a document fails the way a server in trouble does (not a refused value).
+        conn.execute(
+            sa.text(
+                "CREATE FUNCTION test_down() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'disk full' USING ERRCODE = '53100'; END $$"
+            )
+        )
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER test_down BEFORE INSERT ON documents FOR EACH ROW EXECUTE FUNCTION test_down()"
+            )
+        )
+    try:
+        result = run(engine, cid, open_api, clock)
+
+        assert result.status is SyncStatus.FAILED
+        assert result.error is not None and result.error["type"] == "OperationalError"
+        assert sync_state(engine, cid).cursor_json is None  # nothing counted as synced
+        assert documents(engine) == {}
+    finally:
+        engine.dispose()
