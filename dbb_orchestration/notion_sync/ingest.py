@@ -262,11 +262,12 @@ def document_row(
 ) -> dict[str, Any]:
     """Column values of one ``documents`` row, content encoded with the newest key (or ``none``).
 
-    Title, content and metadata are first made storable (:func:`~dbb_orchestration.content.storable_text`
+    Title and metadata are first made storable (:func:`~dbb_orchestration.content.storable_text`
     / :func:`~dbb_orchestration.content.storable_json`: NUL removed, lone surrogates → U+FFFD, NaN →
-    ``null``), so one odd character in a page never makes Postgres refuse the batch; the content hash is
-    of the stored text."""
-    encoded = encode_content(storable_text(markdown), keyring)
+    ``null``), so one odd character in a page never makes Postgres refuse the batch. The content is
+    kept exactly: it is stored base64-encoded (Postgres never sees its characters) and its hash must
+    stay the backend's, or the two sides would keep rewriting the page."""
+    encoded = encode_content(markdown, keyring)
     return {
         "user_id": user_id,
         "connection_id": connection_id,

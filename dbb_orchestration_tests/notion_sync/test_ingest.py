@@ -214,7 +214,7 @@ def test_deletes_and_touch(setup: tuple[sa.Engine, int]) -> None:
     assert live == 2  # live, newer
 
 
-def test_document_row_makes_title_content_and_metadata_storable() -> None:
+def test_document_row_makes_title_and_metadata_storable_and_keeps_content_exact() -> None:
     row = document_row(
         user_id="u1",
         connection_id=1,
@@ -229,11 +229,13 @@ def test_document_row_makes_title_content_and_metadata_storable() -> None:
         now=T,
     )
     assert row["title"] == "ab\ufffd"
+    # Content is stored base64-encoded, so NUL can stay: the hash must be the backend's for the same text
+    # (a lone surrogate becomes U+FFFD in UTF-8, as the backend's Buffer.from does).
     assert decode_content(row["content_ciphertext"], "none", "none", 0, ContentKeyring.empty()).text == (
-        "xy \ufffd"
+        "x\x00y \ufffd"
     )
-    assert row["content_hash"] == content_hash("xy \ufffd")
-    assert row["content_size_bytes"] == len("xy \ufffd".encode())
+    assert row["content_hash"] == content_hash("x\x00y \ud800") == content_hash("x\x00y \ufffd")
+    assert row["content_size_bytes"] == len("x\x00y \ufffd".encode())
     assert row["metadata_json"] == {"url": "h", "propertiesSummary": {"K": ["v", None]}}
 
 
