@@ -18,7 +18,7 @@ from dbb_orchestration.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 VALUES = yaml.safe_load((ROOT / "deploy" / "values.yaml").read_text())
 SECRET = yaml.safe_load((ROOT / "deploy" / "secret.example.yaml").read_text())
-INSTANCE = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+INSTANCE = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
 
 
 class RecordingEnv(Mapping[str, str]):
@@ -87,6 +87,30 @@ def test_helm_and_dagster_yaml_agree_on_run_limits() -> None:
     ours = INSTANCE["concurrency"]["runs"]
     assert helm["tagConcurrencyLimits"] == ours["tag_concurrency_limits"]
     assert helm["maxConcurrentRuns"] == ours["max_concurrent_runs"]
+
+
+def test_helm_matches_dagster_yaml_on_pools_monitoring_retries_and_threads() -> None:
+    daemon = VALUES["dagsterDaemon"]
+    assert VALUES["concurrency"]["pools"]["defaultLimit"] == INSTANCE["concurrency"]["pools"]["default_limit"]
+    monitoring = INSTANCE["run_monitoring"]
+    assert daemon["runMonitoring"] == {
+        "enabled": monitoring["enabled"],
+        "startTimeoutSeconds": monitoring["start_timeout_seconds"],
+        "cancelTimeoutSeconds": monitoring["cancel_timeout_seconds"],
+        "pollIntervalSeconds": monitoring["poll_interval_seconds"],
+        "maxResumeRunAttempts": monitoring["max_resume_run_attempts"],
+    }
+    retries = INSTANCE["run_retries"]
+    assert daemon["runRetries"] == {
+        "enabled": retries["enabled"],
+        "maxRetries": retries["max_retries"],
+        "retryOnAssetOrOpFailure": retries["retry_on_asset_or_op_failure"],
+    }
+    for kind in ("sensors", "schedules"):
+        assert daemon[kind] == {
+            "useThreads": INSTANCE[kind]["use_threads"],
+            "numWorkers": INSTANCE[kind]["num_workers"],
+        }
 
 
 def test_docker_cmd_is_dagster_api_grpc_on_the_chart_port() -> None:
