@@ -67,9 +67,7 @@ def test_switch_off_skips_every_schedule(
     repo = make_definitions({}).get_repository_def()
     schedule = repo.get_schedule_def(name)
     monkeypatch.setenv("DBB_AUTOMATION", "off")
-    context = dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=TICK, repository_def=repo
-    )
+    context = dg.build_schedule_context(instance=instance, scheduled_execution_time=TICK, repository_def=repo)
     data = schedule.evaluate_tick(context)
     assert not data.run_requests
     assert data.skip_message is not None and "DBB_AUTOMATION=off" in data.skip_message
@@ -82,9 +80,7 @@ def test_switch_on_leaves_every_schedule_requesting_its_run(
     repo = make_definitions({}).get_repository_def()
     schedule = repo.get_schedule_def(name)
     monkeypatch.delenv("DBB_AUTOMATION", raising=False)
-    context = dg.build_schedule_context(
-        instance=instance, scheduled_execution_time=TICK, repository_def=repo
-    )
+    context = dg.build_schedule_context(instance=instance, scheduled_execution_time=TICK, repository_def=repo)
     (request,) = schedule.evaluate_tick(context).run_requests or []
     assert request.job_name in (None, schedule.job_name)
     if name == "digest_hourly_schedule":
