@@ -89,6 +89,7 @@ def email_sequence_step(
             now=s.now(),
             frontend_url=s.frontend_url,
             mode=s.deployment_mode,
+            unsubscribe_secret=s.unsubscribe_secret,
         )
     except StepConfigError as exc:
         raise dg.Failure(description=scrub(str(exc)), allow_retries=False) from exc
