@@ -126,7 +126,7 @@ _INLINE_RE = re.compile(
     r"|(?P<em>(?<![\w*])\*(?=[^\s*])(?P<em_text>.+?)(?<=[^\s*])\*(?![\w*]))"
     r"|(?P<em_u>(?<![\w_])_(?=[^\s_])(?P<em_u_text>.+?)(?<=[^\s_])_(?![\w_]))"
 )
-_INLINE_MARKERS = frozenset("`*_~=\ue000")
+_INLINE_HINT_RE = re.compile("[`*_~=\ue000]")
 _SPACES_RE = re.compile(r"[ \t\u00a0\u2007\u202f]+")
 
 _THEMATIC_RE = re.compile(r"^([-*_])(?:\s*\1){2,}$")
@@ -257,18 +257,22 @@ def _clean_inline(line: str, *, strip: bool = True) -> str:
 _PLAIN = Span("")
 
 
+def _styled(style: Span, text: str) -> Span:
+    return Span(text) if style is _PLAIN else replace(style, text=text)
+
+
 def inline_spans(markup: str, style: Span = _PLAIN) -> tuple[Span, ...]:
     """The formatted spans of one cleaned block text (see the module doc); ``style`` is inherited.
 
     Unmatched markers are kept as text. Adjacent spans with the same formatting are merged.
     """
-    if not any(char in _INLINE_MARKERS for char in markup):
-        return (replace(style, text=markup),) if markup else ()
+    if not _INLINE_HINT_RE.search(markup):
+        return (_styled(style, markup),) if markup else ()
     out: list[Span] = []
     pos = 0
     for match in _INLINE_RE.finditer(markup):
         if match.start() > pos:
-            out.append(replace(style, text=markup[pos : match.start()]))
+            out.append(_styled(style, markup[pos : match.start()]))
         pos = match.end()
         kind = match.lastgroup
         if match.group("code"):
@@ -294,8 +298,12 @@ def inline_spans(markup: str, style: Span = _PLAIN) -> tuple[Span, ...]:
         else:  # pragma: no cover - every alternative is handled above
             raise AssertionError(kind)
     if pos < len(markup):
-        out.append(replace(style, text=markup[pos:]))
+        out.append(_styled(style, markup[pos:]))
     return _merge(out)
+
+
+def _style(span: Span) -> tuple[object, ...]:
+    return (span.bold, span.italic, span.strike, span.highlight, span.code, span.href, span.link_suffix)
 
 
 def _merge(spans: list[Span]) -> tuple[Span, ...]:
@@ -303,7 +311,7 @@ def _merge(spans: list[Span]) -> tuple[Span, ...]:
     for span in spans:
         if not span.text:
             continue
-        if merged and replace(merged[-1], text="") == replace(span, text=""):
+        if merged and _style(merged[-1]) == _style(span):
             merged[-1] = replace(span, text=merged[-1].text + span.text)
         else:
             merged.append(span)

@@ -123,9 +123,10 @@ def spans_html(spans: object) -> Markup:
             inner = f'<a href="{escape(span.href)}" target="_blank" rel="noopener">{escape(span.text)}</a>'
         else:
             inner = str(linkify(span.text))
-        for attr, opening, closing in _SPAN_TAGS:
-            if getattr(span, attr):
-                inner = f"{opening}{inner}{closing}"
+        if span.code or span.highlight or span.strike or span.italic or span.bold:
+            for attr, opening, closing in _SPAN_TAGS:
+                if getattr(span, attr):
+                    inner = f"{opening}{inner}{closing}"
         parts.append(inner)
     return Markup("".join(parts).replace("\n", "<br>\n"))
 
