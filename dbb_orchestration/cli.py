@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--quiet",
         action="store_true",
-        help="print nothing on success (no per-hour table); the exit status still says whether every "
-        "run succeeded",
+        help="do not print the per-hour table and the summary (a few sensor log lines still go to "
+        "stderr); the exit status says whether every run succeeded",
     )
     p.add_argument(
         "--dagster-home",

@@ -129,7 +129,7 @@ def test_help_is_written_for_people() -> None:
         if action.dest == "command"
     )
     quiet = next(a for a in demo._actions if "--quiet" in a.option_strings)
-    assert quiet.help and "print nothing" in quiet.help
+    assert quiet.help and "per-hour table" in quiet.help and "exit status" in quiet.help
 
 
 def _dev(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
