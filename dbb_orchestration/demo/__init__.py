@@ -45,6 +45,7 @@ def demo_env(db_url: str) -> dict[str, str]:
         "RESEND_API_KEY": "re_demo_local",
         "RESEND_REPLY_TO": "hello@demo.dbb.test",
         "FRONTEND_URL": "http://localhost:3000",
+        "UNSUBSCRIBE_SECRET": "demo-unsubscribe-secret",  # emails carry the one-click List-Unsubscribe
         "CONTENT_ENCRYPTION_KEY": DEMO_KEY,
         "EMAIL_RATE_LIMIT_PER_SECOND": "0",
         "EMAIL_MAX_CONCURRENCY": "1",  # one at a time: the outbox numbering is the same on every run

@@ -47,6 +47,8 @@ def test_demo_day_sends_emails_and_a_rerun_sends_nothing_twice(tmp_path: Path, c
         message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
         sent = parsedate_to_datetime(str(message["Date"]))
         assert DAY <= sent < DAY + timedelta(days=1), (eml.name, message["Date"])
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert str(message["List-Unsubscribe"]).startswith("<http://localhost:3000/unsubscribe?token=u_")
     # Numbers in the emails add up: a person with sent digests has had notes resurfaced.
     for upgrade in outbox.glob("*your-brain-bits-so-far*.txt"):
         digests, notes = re.findall(r"- (\d+) (?:digests received|notes resurfaced)", upgrade.read_text())
