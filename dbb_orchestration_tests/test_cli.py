@@ -175,3 +175,12 @@ def test_dev_forwards_check_schema_to_the_venv(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: no SQLite file")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dev_bench_with_an_unknown_name_is_one_line() -> None:
+    result = _dev("bench", "nope")
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: no benchmark named 'nope': use one of ")
+    for script in (ROOT / "benchmarks").glob("*.py"):
+        assert script.stem in line
