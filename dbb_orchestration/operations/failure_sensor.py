@@ -122,9 +122,12 @@ def failure_record(context: dg.RunFailureSensorContext) -> FailureRecord:
         message = top_level_message(getattr(data, "error", None))
         if message:
             messages.append(f"{event.step_key}: {message}")
-    if not messages:
+    if not messages:  # the run failed outside any step: its own error, or the cause in its event log
+        run_data: Any = context.failure_event.event_specific_data
+        run_error = top_level_message(getattr(run_data, "error", None))
         messages.append(
-            outside_failure_cause(
+            run_error
+            or outside_failure_cause(
                 context.failure_event.message, _engine_messages(context.instance, run.run_id)
             )
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -184,6 +185,27 @@ def test_run_monitoring_verdict_is_kept_as_the_cause() -> None:
         )
         failure = instance.report_run_failed(run, verdict)
         assert _record_for(instance, run, failure) == verdict
+
+
+def test_run_level_error_is_reported_by_its_top_level_message() -> None:
+    from dagster._core.events import JobFailureData
+    from dagster._utils.error import serializable_error_info_from_exc_info
+
+    with dg.instance_for_test() as instance:
+        run = instance.create_run_for_job(job_def=exploding_job)
+        try:
+            try:
+                raise OSError("disk full at /var/lib")
+            except OSError as exc:
+                raise RuntimeError("could not start the run worker for ada@example.com") from exc
+        except RuntimeError:
+            error = serializable_error_info_from_exc_info(sys.exc_info())
+        failure = instance.report_run_failed(
+            run, "Execution of run failed.", JobFailureData(error=error, failure_reason=None)
+        )
+        assert (
+            _record_for(instance, run, failure) == "RuntimeError: could not start the run worker for [email]"
+        )
 
 
 def test_outside_failure_without_any_cause_says_so() -> None:
