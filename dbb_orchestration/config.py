@@ -76,6 +76,17 @@ def _instant(env: Mapping[str, str], name: str) -> datetime | None:
     return value.astimezone(UTC)
 
 
+AUTOMATION_VARIABLE = "DBB_AUTOMATION"
+
+
+def automation_enabled(env: Mapping[str, str]) -> bool:
+    """``DBB_AUTOMATION``: ``on`` (default) or ``off`` (also true/false, 1/0, yes/no). Empty → on."""
+    raw = env.get(AUTOMATION_VARIABLE)
+    if raw is None or not raw.strip():
+        return True
+    return _bool(env, AUTOMATION_VARIABLE)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -103,6 +114,10 @@ class Settings:
     now_override: datetime | None = None
     # Longest Notion ``Retry-After`` honoured on a 429, in seconds.
     notion_max_retry_wait_seconds: float = 300.0
+    # ``DBB_AUTOMATION=off`` pauses every schedule and workflow sensor (see dbb_orchestration/automation.py).
+    automation_enabled: bool = True
+    # HMAC-SHA256 key of the one-click unsubscribe token (``UNSUBSCRIBE_SECRET``); unset → no header.
+    unsubscribe_secret: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -145,6 +160,8 @@ class Settings:
             notion_connection_pause_seconds=_number(env, "NOTION_CONNECTION_PAUSE_SECONDS", 2.0, minimum=0),
             now_override=_instant(env, "DBB_NOW"),
             notion_max_retry_wait_seconds=_number(env, "NOTION_MAX_RETRY_WAIT_SECONDS", 300.0, minimum=0),
+            automation_enabled=automation_enabled(env),
+            unsubscribe_secret=(env.get("UNSUBSCRIBE_SECRET") or "").strip() or None,
         )
 
     def now(self) -> datetime:

@@ -41,6 +41,52 @@ def normalize_database_url(raw: str) -> URL:
     raise DatabaseUrlError(f"DATABASE_URL must be a postgres:// or sqlite:// URL, got scheme {backend!r}")
 
 
+def connection_problem(exc: BaseException, url: URL) -> str:
+    """One line for a failure to reach or open the database at ``url``: what went wrong and the fix.
+
+    Understands the usual first-run mistakes (server not running, unknown database, wrong login,
+    unknown host, unreadable SQLite file) from the driver's message; anything else is reported with the
+    driver's first line. The password is never included.
+    """
+    where = url.render_as_string(hide_password=True)
+    message = str(getattr(exc, "orig", None) or exc)
+    lower = message.lower()
+    if url.get_backend_name() == "sqlite":
+        if "unable to open database file" in lower:
+            return (
+                f"cannot open the SQLite file {url.database!r}: check that its folder exists and is writable"
+            )
+        return f"SQLite error on {where}: {_first_line(message)}"
+    host = f"{url.host or 'localhost'}:{url.port or 5432}"
+    if "connection refused" in lower:
+        return (
+            f"cannot connect to Postgres at {host} (connection refused): start the server or fix the host "
+            "and port in DATABASE_URL"
+        )
+    if "does not exist" in lower and "database" in lower:
+        return (
+            f"database {url.database!r} does not exist on {host}: create it, or fix the database name in "
+            "DATABASE_URL"
+        )
+    if "password authentication failed" in lower or "no password supplied" in lower:
+        return f"Postgres at {host} rejected the login for user {url.username!r}: check the user and password in DATABASE_URL"
+    if "role" in lower and "does not exist" in lower:
+        return f"Postgres at {host} has no user {url.username!r}: check the user in DATABASE_URL"
+    if "could not translate host name" in lower or "name or service not known" in lower:
+        return f"cannot resolve the database host {url.host!r}: check the host in DATABASE_URL"
+    if "timeout" in lower or "timed out" in lower:
+        return f"Postgres at {host} did not answer in time: check the host, port and network (DATABASE_URL)"
+    return f"cannot use the database at {where}: {_first_line(message)}"
+
+
+def _first_line(message: str) -> str:
+    for line in message.splitlines():
+        line = line.strip()
+        if line:
+            return line.removeprefix("connection failed: ")
+    return "unknown error"
+
+
 def _sqlite_on_connect(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA foreign_keys=ON")

@@ -115,3 +115,9 @@ def _check_enums(engine: Engine) -> list[SchemaProblem]:
                     )
                 )
     return problems
+
+
+def has_no_tables(problems: list[SchemaProblem]) -> bool:
+    """True when every table this code needs is missing (an empty database or the wrong one)."""
+    missing = {p.table for p in problems if p.column is None and p.message == "table is missing"}
+    return missing == {table.name for table in metadata.sorted_tables}

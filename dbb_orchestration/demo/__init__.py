@@ -29,7 +29,7 @@ from dbb_orchestration.content import ContentKeyring
 from dbb_orchestration.db import create_db_engine, create_schema
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.definitions import make_definitions
-from dbb_orchestration.demo.world import DAY, NotionAccount, seed_notion, seed_world
+from dbb_orchestration.demo.world import DAY, NotionAccount, SimulatedClock, seed_notion, seed_world
 from dbb_orchestration.testing.fake_notion import FakeNotion
 from dbb_orchestration.testing.fake_resend import FakeResend
 
@@ -45,6 +45,7 @@ def demo_env(db_url: str) -> dict[str, str]:
         "RESEND_API_KEY": "re_demo_local",
         "RESEND_REPLY_TO": "hello@demo.dbb.test",
         "FRONTEND_URL": "http://localhost:3000",
+        "UNSUBSCRIBE_SECRET": "demo-unsubscribe-secret",  # emails carry the one-click List-Unsubscribe
         "CONTENT_ENCRYPTION_KEY": DEMO_KEY,
         "EMAIL_RATE_LIMIT_PER_SECOND": "0",
         "EMAIL_MAX_CONCURRENCY": "1",  # one at a time: the outbox numbering is the same on every run
@@ -70,7 +71,10 @@ def _output_metadata(result: dg.ExecuteInProcessResult, step_key: str) -> dict[s
 
 
 class Simulation:
-    def __init__(self, base_env: dict[str, str], instance: dg.DagsterInstance, log: DayLog) -> None:
+    def __init__(
+        self, base_env: dict[str, str], instance: dg.DagsterInstance, log: DayLog, clock: SimulatedClock
+    ) -> None:
+        self.clock = clock
         self.base_env = base_env
         self.instance = instance
         self.log = log
@@ -78,6 +82,7 @@ class Simulation:
         self.log_level = "ERROR"
 
     def defs_at(self, when: datetime) -> dg.Definitions:
+        self.clock.now = when  # the fake Resend dates what it receives now by the simulated time
         return make_definitions({**self.base_env, "DBB_NOW": when.isoformat()})
 
     def run(self, defs: dg.Definitions, job_name: str, **kwargs: Any) -> dg.ExecuteInProcessResult:
@@ -266,7 +271,8 @@ def run_demo(
             seed_world(conn, ContentKeyring.from_env({"CONTENT_ENCRYPTION_KEY": DEMO_KEY}))
     accounts = _notion_accounts(engine)
     before = len(list(outbox.glob("*.eml")))
-    with FakeResend(outbox_dir=outbox) as resend_fake, FakeNotion() as notion_fake:
+    clock = SimulatedClock(DAY)
+    with FakeResend(outbox_dir=outbox, clock=clock) as resend_fake, FakeNotion() as notion_fake:
         seed_notion(notion_fake, accounts)
         env = {
             **demo_env(db_url),
@@ -280,7 +286,7 @@ def run_demo(
         else:
             instance_cm = dg.DagsterInstance.ephemeral()
         with instance_cm as instance:
-            Simulation(env, instance, log).day()
+            Simulation(env, instance, log, clock).day()
         emails = len(resend_fake.sent)
         resend_fake.raise_server_errors()
         notion_fake.raise_server_errors()

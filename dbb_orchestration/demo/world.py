@@ -18,6 +18,17 @@ from dbb_orchestration.testing.fake_notion import FakeNotion, block, rich_text
 DAY = datetime(2026, 2, 8, tzinfo=UTC)  # a Sunday
 
 
+class SimulatedClock:
+    """The demo's wall clock: set to each simulated moment before the work of that moment runs, and read
+    by the fake Resend so every ``.eml`` is dated by the simulated day, not by the real clock."""
+
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
 def ago(**kw: float) -> datetime:
     return DAY - timedelta(**kw)
 
@@ -352,9 +363,17 @@ def seed_world(conn: sa.Connection, keyring: ContentKeyring) -> list[NotionAccou
             accounts.append(NotionAccount(person.id, token, database_id))
             if not person.notion_first_sync_today:
                 doc_ids = _insert_notes(conn, person, connection_id, keyring, external_prefix="page-")
-        for sent_at in person.sent_digests:
+        for number, sent_at in enumerate(sorted(person.sent_digests)):
+            # A sent digest surfaced notes, like the real ones: the next few of the person's notes in turn,
+            # so "digests and notes received so far" in the upgrade email add up.
             f.digest(
-                conn, person.id, status="sent", scheduled_for=sent_at, sent_at=sent_at, created_at=sent_at
+                conn,
+                person.id,
+                status="sent",
+                scheduled_for=sent_at,
+                sent_at=sent_at,
+                created_at=sent_at,
+                document_ids=history_notes(doc_ids, number, person.per_digest),
             )
         for name, step, entered_at in person.sequences:
             last = entered_at + timedelta(hours=1) if step > 1 else None
@@ -362,6 +381,16 @@ def seed_world(conn: sa.Connection, keyring: ContentKeyring) -> list[NotionAccou
                 conn, person.id, name, current_step=step, entered_at=entered_at, last_email_sent_at=last
             )
     return accounts
+
+
+def history_notes(doc_ids: list[int], number: int, per_digest: int) -> list[int]:
+    """The notes of a person's ``number``-th past digest: ``per_digest`` of them (at most all), taken in
+    turn from where the previous digest stopped."""
+    if not doc_ids:
+        return []
+    count = min(per_digest, len(doc_ids))
+    start = number * count
+    return [doc_ids[(start + i) % len(doc_ids)] for i in range(count)]
 
 
 def _notes_for(person: Person) -> list[tuple[str, str]]:

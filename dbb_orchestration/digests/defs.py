@@ -23,6 +23,7 @@ from typing import cast
 import dagster as dg
 from pydantic import Field
 
+from dbb_orchestration.automation import automation_skip_reason, switchable
 from dbb_orchestration.digests.generate import generate_digests
 from dbb_orchestration.digests.queries import find_first_digest_users
 from dbb_orchestration.digests.send import SendReport, send_due_digests
@@ -138,9 +139,11 @@ digest_hourly_schedule = cast(
         digest_hourly_job,
         name="digest_hourly_schedule",
         minute_of_hour=0,
+        default_status=dg.DefaultScheduleStatus.RUNNING,
         description="Minute 0 of every hour (UTC), for the hour that starts then.",
     ),
 )
+digest_hourly_schedule = switchable(digest_hourly_schedule)  # DBB_AUTOMATION=off pauses it
 
 
 class DigestSendForUserConfig(dg.Config):
@@ -195,7 +198,7 @@ def first_digest_run_key(user_id: str) -> str:
     name="first_digest_sensor",
     job=digest_send_for_user_job,
     minimum_interval_seconds=30,
-    default_status=dg.DefaultSensorStatus.STOPPED,
+    default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches digest_send_for_user_job for verified users with a pending digest who have "
     "never been sent one (run key digest-send-<userId>-seed_digest_ready).",
 )
@@ -209,6 +212,8 @@ def first_digest_sensor(
     sensor. That is acceptable: the failed digest stays pending (``failed``, or ``scheduled`` if the run
     died early) and the hourly job sends or retries it at the user's send hour like any digest.
     """
+    if (reason := automation_skip_reason()) is not None:
+        return dg.SensorResult(skip_reason=reason)
     s = settings.get()
     with database.engine.connect() as conn:
         users = find_first_digest_users(conn, s.now(), FIRST_DIGEST_SENSOR_LIMIT)

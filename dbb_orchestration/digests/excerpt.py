@@ -15,8 +15,13 @@ Steps, in order:
    dropped; ``[[Target|Label]]`` → ``Label``, ``[[Target]]`` → ``Target``; ``[text](https://url)`` →
    ``text (https://url)`` (only the URL when the text is empty or equals it; only the text for non-http
    links); ``<https://url>`` → the URL; ``<br>`` → line break; other HTML tags are dropped and HTML
-   entities decoded; ``**bold**`` and ``==highlight==`` markers are dropped; runs of spaces
-   and tabs become one space and lines are trimmed.
+   entities decoded; runs of spaces and tabs become one space and lines are trimmed.
+   Inline markdown becomes formatting (:class:`~dbb_orchestration.email.rendering.Span`):
+   ``***both***``, ``**bold**``/``__bold__``, ``*italic*``/``_italic_`` (not inside a word, so
+   ``snake_case_name`` stays), ``~~strike~~``, ``==highlight==``, `` `code` `` (its text is literal) and
+   link labels. Each block's ``text`` (and each list item) is the visible text without the markers,
+   which is what the plain-text part shows and what the budget counts; ``spans`` carry the formatting
+   for the HTML part. A marker without its closing partner stays as typed.
 5. Prose is split into blocks: headings (``#`` to ``######`` then a space), quotes (consecutive ``>``
    lines; an Obsidian callout marker ``[!type]`` is dropped), bullet lists (consecutive lines starting
    with ``-``, ``*`` or ``•`` and a space; ``[ ]``/``[x]`` become ☐/☑; a following plain line continues
@@ -38,12 +43,22 @@ from __future__ import annotations
 import html
 import re
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
-from dbb_orchestration.email.rendering import linkify
+from dbb_orchestration.email.rendering import Span, linkify
 
-__all__ = ["NO_PREVIEW", "Block", "BlockKind", "block_to_text", "clean_inline", "linkify", "note_blocks"]
+__all__ = [
+    "NO_PREVIEW",
+    "Block",
+    "BlockKind",
+    "Span",
+    "block_to_text",
+    "clean_inline",
+    "inline_spans",
+    "linkify",
+    "note_blocks",
+]
 
 BlockKind = Literal["code", "heading", "quote", "list", "paragraph"]
 
@@ -58,9 +73,23 @@ _WORD_BOUNDARY_WINDOW = 20
 @dataclass(frozen=True)
 class Block:
     kind: BlockKind
-    text: str = ""  # every kind but "list"
+    text: str = ""  # every kind but "list": the visible text, markers removed
     items: tuple[str, ...] = ()  # "list" only
     level: int = 0  # "heading" only: 1..6
+    # Formatting of ``text`` (or of each item): rendering detail, not part of a block's identity.
+    spans: tuple[Span, ...] = field(default=(), compare=False, repr=False)
+    item_spans: tuple[tuple[Span, ...], ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def text_spans(self) -> tuple[Span, ...]:
+        """``spans``, or the plain text as one span (blocks built by hand, code, the placeholder)."""
+        return self.spans or (Span(self.text),)
+
+    @property
+    def items_spans(self) -> tuple[tuple[Span, ...], ...]:
+        if len(self.item_spans) == len(self.items):
+            return self.item_spans
+        return tuple((Span(item),) for item in self.items)
 
     @property
     def length(self) -> int:
@@ -86,7 +115,18 @@ _LINK_RE = re.compile(r"\[([^\]\n]*)\]\(\s*<?([^)\s>]*)>?(?:\s+[\"'][^\"'\n]*[\"
 _AUTOLINK_RE = re.compile(r"<(https?://[^>\s]+)>", re.IGNORECASE)
 _BR_RE = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>")
-_EMPHASIS_RE = re.compile(r"(\*\*|==)(?=\S)(.+?)(?<=\S)\1")
+_INLINE_RE = re.compile(
+    r"(?P<code>(?P<ticks>`+)(?P<code_text>[^`\n]|[^`\n].*?[^`\n])(?P=ticks)(?!`))"
+    r"|(?P<link>\ue000(?P<label>[^\ue001]*)\ue001(?P<url>[^\ue002]*)\ue002)"
+    r"|(?P<both>\*\*\*(?=\S)(?P<both_text>.+?)(?<=\S)\*\*\*)"
+    r"|(?P<bold>\*\*(?=\S)(?P<bold_text>.+?)(?<=\S)\*\*(?!\*))"
+    r"|(?P<bold_u>(?<![\w_])__(?=\S)(?P<bold_u_text>.+?)(?<=\S)__(?![\w_]))"
+    r"|(?P<strike>~~(?=\S)(?P<strike_text>.+?)(?<=\S)~~)"
+    r"|(?P<mark>==(?=\S)(?P<mark_text>.+?)(?<=\S)==)"
+    r"|(?P<em>(?<![\w*])\*(?=[^\s*])(?P<em_text>.+?)(?<=[^\s*])\*(?![\w*]))"
+    r"|(?P<em_u>(?<![\w_])_(?=[^\s_])(?P<em_u_text>.+?)(?<=[^\s_])_(?![\w_]))"
+)
+_INLINE_HINT_RE = re.compile("[`*_~=\ue000]")
 _SPACES_RE = re.compile(r"[ \t\u00a0\u2007\u202f]+")
 
 _THEMATIC_RE = re.compile(r"^([-*_])(?:\s*\1){2,}$")
@@ -157,20 +197,46 @@ def _split_code(lines: list[str]) -> Iterator[tuple[bool, list[str]]]:
         yield False, prose
 
 
+# A link with a label is kept as LINK_OPEN label LINK_MID url LINK_CLOSE until the block's spans are
+# parsed (private-use characters, removed from the note's own text first).
+_LINK_OPEN, _LINK_MID, _LINK_CLOSE = "\ue000", "\ue001", "\ue002"
+_PRIVATE_RE = re.compile("[\ue000-\ue002]")
+
+
 def _replace_link(match: re.Match[str]) -> str:
     text, url = match.group(1).strip(), match.group(2).strip()
     if re.match(r"https?://", url, re.IGNORECASE):
         if not text or text == url:
             return url
-        return f"{text} ({url})"
+        return f"{_LINK_OPEN}{text}{_LINK_MID}{url}{_LINK_CLOSE}"
     return text
 
 
+_CODE_SPAN_RE = re.compile(r"(`+)(?:[^`\n]|[^`\n].*?[^`\n])\1(?!`)")
+
+
 def clean_inline(line: str) -> str:
+    """The per-line prose rules of step 4; inline code spans (`` `...` ``) are left exactly as typed."""
+    if "`" not in line:
+        return _clean_inline(line)
+    parts: list[str] = []
+    pos = 0
+    for match in _CODE_SPAN_RE.finditer(line):
+        parts.append(_clean_inline(line[pos : match.start()], strip=False))
+        parts.append(match.group(0))
+        pos = match.end()
+    parts.append(_clean_inline(line[pos:], strip=False))
+    return "".join(parts).strip()
+
+
+def _clean_inline(line: str, *, strip: bool = True) -> str:
     """The per-line prose rules of step 4 (images, wiki links, links, tags, entities, emphasis, spaces).
 
     Each rule runs only when its marker character is present (this is the hot path of rendering).
+    Inline markdown markers are kept here; :func:`inline_spans` turns them into formatting.
     """
+    if "\ue000" in line or "\ue001" in line or "\ue002" in line:
+        line = _PRIVATE_RE.sub("", line)
     if "[" in line:
         if "![" in line:
             line = _EMBED_RE.sub("", _IMAGE_RE.sub("", line))
@@ -183,11 +249,98 @@ def clean_inline(line: str) -> str:
         line = _TAG_RE.sub("", _AUTOLINK_RE.sub(r"\1", line))
     if "&" in line:
         line = html.unescape(line)
-    if "**" in line or "==" in line:
-        line = _EMPHASIS_RE.sub(r"\2", line)
     if "  " in line or "\t" in line or "\u00a0" in line or "\u2007" in line or "\u202f" in line:
         line = _SPACES_RE.sub(" ", line)
-    return line.strip()
+    return line.strip() if strip else line
+
+
+_PLAIN = Span("")
+
+
+def _styled(style: Span, text: str) -> Span:
+    return Span(text) if style is _PLAIN else replace(style, text=text)
+
+
+def inline_spans(markup: str, style: Span = _PLAIN) -> tuple[Span, ...]:
+    """The formatted spans of one cleaned block text (see the module doc); ``style`` is inherited.
+
+    Unmatched markers are kept as text. Adjacent spans with the same formatting are merged.
+    """
+    if not _INLINE_HINT_RE.search(markup):
+        return (_styled(style, markup),) if markup else ()
+    out: list[Span] = []
+    pos = 0
+    for match in _INLINE_RE.finditer(markup):
+        if match.start() > pos:
+            out.append(_styled(style, markup[pos : match.start()]))
+        pos = match.end()
+        kind = match.lastgroup
+        if match.group("code"):
+            out.append(
+                replace(style, text=match.group("code_text").strip() or match.group("code_text"), code=True)
+            )
+        elif match.group("link"):
+            url = match.group("url")
+            out.extend(inline_spans(match.group("label"), replace(style, href=url)))
+            out.append(replace(style, text=f" ({url})", link_suffix=True))
+        elif match.group("both"):
+            out.extend(inline_spans(match.group("both_text"), replace(style, bold=True, italic=True)))
+        elif match.group("bold") or match.group("bold_u"):
+            inner = match.group("bold_text") if match.group("bold") else match.group("bold_u_text")
+            out.extend(inline_spans(inner, replace(style, bold=True)))
+        elif match.group("strike"):
+            out.extend(inline_spans(match.group("strike_text"), replace(style, strike=True)))
+        elif match.group("mark"):
+            out.extend(inline_spans(match.group("mark_text"), replace(style, highlight=True)))
+        elif match.group("em") or match.group("em_u"):
+            inner = match.group("em_text") if match.group("em") else match.group("em_u_text")
+            out.extend(inline_spans(inner, replace(style, italic=True)))
+        else:  # pragma: no cover - every alternative is handled above
+            raise AssertionError(kind)
+    if pos < len(markup):
+        out.append(_styled(style, markup[pos:]))
+    return _merge(out)
+
+
+def _style(span: Span) -> tuple[object, ...]:
+    return (span.bold, span.italic, span.strike, span.highlight, span.code, span.href, span.link_suffix)
+
+
+def _merge(spans: list[Span]) -> tuple[Span, ...]:
+    merged: list[Span] = []
+    for span in spans:
+        if not span.text:
+            continue
+        if merged and _style(merged[-1]) == _style(span):
+            merged[-1] = replace(span, text=merged[-1].text + span.text)
+        else:
+            merged.append(span)
+    return tuple(merged)
+
+
+def _visible(spans: Iterable[Span]) -> str:
+    return "".join(span.text for span in spans)
+
+
+def _cut_spans(spans: Iterable[Span], keep: int) -> tuple[Span, ...]:
+    """The first ``keep`` visible characters of ``spans``."""
+    out: list[Span] = []
+    for span in spans:
+        if keep <= 0:
+            break
+        out.append(span if len(span.text) <= keep else replace(span, text=span.text[:keep]))
+        keep -= len(span.text)
+    return tuple(out)
+
+
+def _formatted(kind: BlockKind, markup: str, level: int = 0) -> Block:
+    spans = inline_spans(markup)
+    return Block(kind, text=_visible(spans), level=level, spans=spans)
+
+
+def _formatted_list(markups: Iterable[str]) -> Block:
+    item_spans = tuple(inline_spans(markup) for markup in markups)
+    return Block("list", items=tuple(_visible(s) for s in item_spans), item_spans=item_spans)
 
 
 def _clean_prose(lines: list[str]) -> Iterator[str]:
@@ -221,17 +374,19 @@ def _prose_blocks(lines: Iterable[str], limit: int) -> Iterator[Block]:
         pending = 0
         out: list[Block] = []
         if paragraph:
-            out.append(Block("paragraph", text="\n".join(paragraph)))
+            block = _formatted("paragraph", "\n".join(paragraph))
+            if block.text.strip():
+                out.append(block)
             paragraph.clear()
         if quote:
             text = re.sub(r"\n{2,}", "\n\n", "\n".join(quote)).strip("\n")
             if text.strip():
-                out.append(Block("quote", text=text))
+                out.append(_formatted("quote", text))
             quote.clear()
         if items:
             kept = tuple(item for item in items if item)
             if kept:
-                out.append(Block("list", items=kept))
+                out.append(_formatted_list(kept))
             items.clear()
         return out
 
@@ -253,7 +408,7 @@ def _prose_blocks(lines: Iterable[str], limit: int) -> Iterator[Block]:
             if heading:
                 yield from flush()
                 if heading.group(2).strip():
-                    yield Block("heading", text=heading.group(2).strip(), level=len(heading.group(1)))
+                    yield _formatted("heading", heading.group(2).strip(), level=len(heading.group(1)))
                 continue
         bullet = _LIST_RE.match(line) if line[0] in "-*•" else None
         if bullet:
@@ -310,18 +465,24 @@ def _apply_budget(blocks: Iterable[Block], budget: int) -> list[Block]:
         room = budget - used - BLOCK_OVERHEAD
         if block.kind == "list":
             items: list[str] = []
-            for item in block.items:
+            spans: list[tuple[Span, ...]] = []
+            for item, item_spans in zip(block.items, block.items_spans, strict=True):
                 if len(item) <= room:
                     items.append(item)
+                    spans.append(item_spans)
                     room -= len(item)
                     continue
                 if room >= _MIN_TRUNCATED:
-                    items.append(_truncate(item, room))
+                    cut = _truncate(item, room)
+                    items.append(cut)
+                    spans.append(_cut_spans(item_spans, len(cut) - len(ELLIPSIS)) + (Span(ELLIPSIS),))
                 break
             if items:
-                kept.append(Block("list", items=tuple(items)))
+                kept.append(Block("list", items=tuple(items), item_spans=tuple(spans)))
         elif room >= _MIN_TRUNCATED:
-            kept.append(Block(block.kind, text=_truncate(block.text, room), level=block.level))
+            cut = _truncate(block.text, room)
+            spans_cut = _cut_spans(block.text_spans, len(cut) - len(ELLIPSIS)) + (Span(ELLIPSIS),)
+            kept.append(Block(block.kind, text=cut, level=block.level, spans=spans_cut))
         break
     return kept
 

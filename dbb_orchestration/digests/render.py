@@ -7,6 +7,7 @@ user (titles, content, names, source names) is HTML-escaped; URLs in note conten
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
@@ -85,22 +86,33 @@ def note_title(title: str | None) -> str:
     return (title or "").strip() or UNTITLED
 
 
+def _names_product(name: str, product: str) -> bool:
+    """True when ``name`` already says ``product`` as a word ("Obsidian Vault", "my notion space")."""
+    return re.search(rf"(?<!\w){re.escape(product)}(?!\w)", name, re.IGNORECASE) is not None
+
+
 def source_label(kind: str | None, name: str | None) -> str | None:
     """``notion`` + ``Study Notes`` → ``Notion · Study Notes``; ``obsidian`` → ``Obsidian`` (``Obsidian ·
-    <name>`` when it has a display name). Another kind is capitalised the same way; no kind → the name
-    alone; neither → ``None`` (no label shown)."""
+    <name>`` when it has a display name). A display name that already names the kind is shown alone, so
+    the kind never repeats (``obsidian`` + ``Obsidian Vault`` → ``Obsidian Vault``). Another kind is
+    capitalised the same way; no kind → the name alone; neither → ``None`` (no label shown)."""
     clean_name = (name or "").strip()
     clean_kind = (kind or "").strip()
     if not clean_kind:
         return clean_name or None
     product = {"notion": "Notion", "obsidian": "Obsidian"}.get(clean_kind.lower(), clean_kind.capitalize())
-    return f"{product}{SOURCE_SEPARATOR}{clean_name}" if clean_name else product
+    if not clean_name:
+        return product
+    if _names_product(clean_name, product):
+        return clean_name
+    return f"{product}{SOURCE_SEPARATOR}{clean_name}"
 
 
 def first_source_label(kind: str | None, name: str | None) -> str | None:
     """The first digest's source wording (SPEC §8): ``obsidian`` → ``Obsidian``; ``notion`` + ``Study
     Notes`` → ``Notion (Study Notes)`` (``Notion`` without a display name); another kind → capitalised;
-    no kind → ``None`` (the email then says "your notes")."""
+    no kind → ``None`` (the email then says "your notes"). A display name that already names the kind
+    is shown alone (``Notion Team Wiki``)."""
     clean_kind = (kind or "").strip().lower()
     if not clean_kind:
         return None
@@ -108,6 +120,8 @@ def first_source_label(kind: str | None, name: str | None) -> str | None:
         return "Obsidian"
     product = "Notion" if clean_kind == "notion" else clean_kind.capitalize()
     clean_name = (name or "").strip()
+    if clean_name and _names_product(clean_name, product):
+        return clean_name  # "Notion Team Wiki", not "Notion (Notion Team Wiki)"
     return f"{product} ({clean_name})" if clean_name else product
 
 

@@ -68,6 +68,7 @@ from dbb_orchestration.digests.render import (
     render_digest_email,
 )
 from dbb_orchestration.email.sender import EmailSender, EmailSendError, OutgoingEmail
+from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
 from dbb_orchestration.plans import digest_timing_phrase
 from dbb_orchestration.timing import as_utc, due_decision, local_date
 
@@ -177,7 +178,11 @@ class SendJob:
 
 
 def build_email(
-    job: SendJob, keyring: ContentKeyring, frontend_url: str, reply_to: str | None
+    job: SendJob,
+    keyring: ContentKeyring,
+    frontend_url: str,
+    reply_to: str | None,
+    unsubscribe_secret: str | None = None,
 ) -> tuple[OutgoingEmail, Counter[str]]:
     """Decode every note (a failure → empty content, counted as ``content_<reason>``), render the digest
     email and wrap it for the provider. Render errors (a template bug) raise."""
@@ -213,6 +218,7 @@ def build_email(
         idempotency_key=idempotency_key(job.digest.id),
         tags=digest_tags(job.plan.interval_days),
         reply_to=reply_to,
+        headers=list_unsubscribe_headers(frontend_url, job.user.id, unsubscribe_secret),
     )
     return email, issues
 
@@ -286,7 +292,13 @@ def _deliver(
     """Render and send one digest; provider and render errors become a ``failed`` delivery. Anything
     that is not an ``Exception`` (a kill, KeyboardInterrupt) propagates and aborts the batch."""
     try:
-        email, issues = build_email(job, settings.keyring, settings.frontend_url, settings.resend_reply_to)
+        email, issues = build_email(
+            job,
+            settings.keyring,
+            settings.frontend_url,
+            settings.resend_reply_to,
+            settings.unsubscribe_secret,
+        )
     except Exception as exc:
         return _Delivery(
             job,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,9 +79,72 @@ def linkify(text: object) -> Markup:
     return Markup(_ESCAPED_URL_RE.sub(to_link, escaped))
 
 
+@dataclass(frozen=True)
+class Span:
+    """A run of note text with its inline formatting (``digests/excerpt.py`` parses markdown into these).
+
+    ``href`` marks a link's label; ``link_suffix`` marks the `` (url)`` the plain-text part shows after
+    a label (left out of the HTML, where the label itself is the link).
+    """
+
+    text: str
+    bold: bool = False
+    italic: bool = False
+    strike: bool = False
+    highlight: bool = False
+    code: bool = False
+    href: str | None = None
+    link_suffix: bool = False
+
+
+_SPAN_TAGS = (
+    ("code", '<code class="inline-code">', "</code>"),
+    ("highlight", '<span class="highlight">', "</span>"),
+    ("strike", "<s>", "</s>"),
+    ("italic", "<em>", "</em>"),
+    ("bold", "<strong>", "</strong>"),
+)
+
+
+def spans_html(spans: object) -> Markup:
+    """HTML for a sequence of :class:`Span`: every piece escaped, formatting as ``<strong>``, ``<em>``,
+    ``<s>``, ``<span class="highlight">`` and ``<code class="inline-code">``, link labels as ``<a href>``
+    (http(s) only), bare URLs in plain text linked, newlines as ``<br>``. A plain string is rendered
+    like a single plain span."""
+    if isinstance(spans, str):
+        spans = (Span(spans),)
+    parts: list[str] = []
+    for span in spans:  # type: ignore[attr-defined]
+        if span.link_suffix or not span.text:
+            continue
+        if span.code:
+            inner = str(escape(span.text))
+        elif span.href and re.match(r"https?://", span.href, re.IGNORECASE):
+            inner = f'<a href="{escape(span.href)}" target="_blank" rel="noopener">{escape(span.text)}</a>'
+        else:
+            inner = str(linkify(span.text))
+        if span.code or span.highlight or span.strike or span.italic or span.bold:
+            for attr, opening, closing in _SPAN_TAGS:
+                if getattr(span, attr):
+                    inner = f"{opening}{inner}{closing}"
+        parts.append(inner)
+    return Markup("".join(parts).replace("\n", "<br>\n"))
+
+
 def nl2br(value: object) -> Markup:
     """Escape (unless already ``Markup``) and turn newlines into ``<br>``."""
     return Markup(str(escape(value)).replace("\n", "<br>\n"))
+
+
+def display_width(text: object) -> int:
+    """Columns ``text`` takes in a monospace plain-text view: wide (CJK) and fullwidth characters count
+    2, combining marks 0, everything else 1 (used to size ``====`` underlines in text emails)."""
+    width = 0
+    for char in str(text):
+        if unicodedata.combining(char):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
 
 
 def join_url(base: str, path: str) -> str:
@@ -120,6 +184,8 @@ def get_environment() -> Environment:
     )
     env.filters["linkify"] = linkify
     env.filters["nl2br"] = nl2br
+    env.filters["spans_html"] = spans_html
+    env.filters["display_width"] = display_width
     return env
 
 

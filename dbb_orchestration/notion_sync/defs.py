@@ -30,6 +30,7 @@ import dagster as dg
 import sqlalchemy as sa
 from pydantic import Field
 
+from dbb_orchestration.automation import switchable
 from dbb_orchestration.digests.seed import SeedResult, create_seed_digest_if_needed
 from dbb_orchestration.notion_sync.client import NotionResource
 from dbb_orchestration.notion_sync.sync import (
@@ -239,8 +240,10 @@ notion_sync_weekly_schedule = dg.ScheduleDefinition(
     job=notion_sync_weekly_job,
     cron_schedule="0 3 * * 0",
     execution_timezone="UTC",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Sundays 03:00 UTC.",
 )
+notion_sync_weekly_schedule = switchable(notion_sync_weekly_schedule)  # DBB_AUTOMATION=off pauses it
 
 definitions = dg.Definitions(
     jobs=[notion_sync_weekly_job],

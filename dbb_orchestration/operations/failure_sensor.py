@@ -1,6 +1,9 @@
 """Failure alerting: every failed run of this code location is recorded and, with ``SENTRY_DSN``, sent to Sentry.
 
-The record carries the job, partition, run id and a short error summary. Messages are scrubbed of
+The record carries the job, partition, run id and a short error summary saying why: for each failed
+step, the message of the exception the op raised (not its innermost cause); for a run killed or marked
+failed from outside (no failed step), run monitoring's verdict or the run's latest engine event that
+names a cause (the worker's exit code or signal). Messages are scrubbed of
 anything that looks like an email address or a token before they leave the process, and note text
 never reaches an error message in this code base (errors carry ids and counts).
 """
@@ -8,6 +11,7 @@ never reaches an error message in this code base (errors carry ids and counts).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -44,6 +48,70 @@ class FailureRecord:
         }
 
 
+OUTSIDE_FAILURE = "marked as failed from outside the execution context"
+# Engine events that say why a run died without a step failure: the run worker's exit code or signal,
+# run monitoring's verdict, a timeout, a termination.
+_CAUSE_MARKERS = (
+    "signal",
+    "exited",
+    "exit code",
+    "run worker",
+    "worker status",
+    "timed out",
+    "timeout",
+    "maximum runtime",
+    "terminat",
+    "killed",
+    "memory",
+    "crash",
+)
+_ENGINE_EVENTS_READ = 50
+
+
+def top_level_message(error: Any) -> str | None:
+    """``Class: message`` of the error an op raised, skipping Dagster's own wrappers around it.
+
+    The exception the op raised says what went wrong in its own words (e.g. "3 of 10 digests failed
+    to send"); its causes (a socket error three levels down) are detail for the run's logs.
+    """
+    err = error
+    while err is not None and err.cls_name.startswith("Dagster") and err.cause is not None:
+        err = err.cause
+    if err is None:
+        return None
+    lines = (err.message or "").strip().splitlines()
+    # Dagster writes "module.path.Class: text" for exceptions outside builtins; keep "Class: text".
+    text = re.sub(rf"^(?:\w+\.)*{re.escape(err.cls_name)}:\s*", "", lines[0] if lines else "")
+    return f"{err.cls_name}: {text}" if text else err.cls_name
+
+
+def outside_failure_cause(failure_message: str | None, engine_messages: Sequence[str]) -> str:
+    """Why a run failed when no step failed: the failure event's own message when it says why (run
+    monitoring writes its verdict there), else the latest engine event that names a cause (the run
+    worker's exit code or signal), else the failure message as it is."""
+    message = (failure_message or "").strip()
+    if message and OUTSIDE_FAILURE not in message and not message.startswith("Execution of run"):
+        return message
+    for candidate in reversed(engine_messages):
+        text = candidate.strip()
+        if text and any(marker in text.lower() for marker in _CAUSE_MARKERS):
+            return f"{text} ({OUTSIDE_FAILURE})" if OUTSIDE_FAILURE in message else text
+    return message or "run failed"
+
+
+def _engine_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:
+    """The run's latest engine-event messages, oldest first (bounded: a big run logs many)."""
+    result = instance.get_records_for_run(
+        run_id, of_type=dg.DagsterEventType.ENGINE_EVENT, ascending=False, limit=_ENGINE_EVENTS_READ
+    )
+    messages = []
+    for record in result.records:
+        entry = record.event_log_entry
+        text = entry.dagster_event.message if entry.dagster_event else None
+        messages.append(text or entry.user_message or "")
+    return list(reversed(messages))
+
+
 def failure_record(context: dg.RunFailureSensorContext) -> FailureRecord:
     run = context.dagster_run
     steps: list[str] = []
@@ -51,16 +119,18 @@ def failure_record(context: dg.RunFailureSensorContext) -> FailureRecord:
     for event in context.get_step_failure_events():
         steps.append(event.step_key or "?")
         data: Any = event.event_specific_data
-        err = getattr(data, "error", None)
-        while err is not None and err.cause is not None:  # the user's exception, not Dagster's wrapper
-            err = err.cause
-        if err is not None:
-            message = err.message.strip()
-            if not message.startswith(f"{err.cls_name}:"):
-                message = f"{err.cls_name}: {message}"
+        message = top_level_message(getattr(data, "error", None))
+        if message:
             messages.append(f"{event.step_key}: {message}")
-    if not messages:
-        messages.append(context.failure_event.message or "run failed")
+    if not messages:  # the run failed outside any step: its own error, or the cause in its event log
+        run_data: Any = context.failure_event.event_specific_data
+        run_error = top_level_message(getattr(run_data, "error", None))
+        messages.append(
+            run_error
+            or outside_failure_cause(
+                context.failure_event.message, _engine_messages(context.instance, run.run_id)
+            )
+        )
     return FailureRecord(
         job=run.job_name,
         run_id=run.run_id,

@@ -1,8 +1,8 @@
-"""Load the repository's production ``dagster.yaml`` against a real Postgres and check what it sets.
+"""Load the production instance config ``deploy/dagster.yaml`` against a real Postgres and check what it sets.
 
 CI runs ``python -m dbb_orchestration.operations.instance_check``: it creates a throwaway database on
 the Postgres named by ``DBB_TEST_POSTGRES_URL``, points the ``DAGSTER_PG_*`` variables at it, loads the
-instance from a temporary ``DAGSTER_HOME`` holding the repo's file, touches every storage, and drops
+instance from a temporary ``DAGSTER_HOME`` holding that file, touches every storage, and drops
 the database. Any config error fails the command.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PRODUCTION_DAGSTER_YAML = REPO_ROOT / "deploy" / "dagster.yaml"
 
 
 def check_instance(dagster_yaml: Path, admin_url: str) -> list[str]:
@@ -86,13 +87,13 @@ def main() -> int:
     admin_url = os.environ.get("DBB_TEST_POSTGRES_URL")
     if not admin_url:
         print(
-            "DBB_TEST_POSTGRES_URL is not set: it names the Postgres to check dagster.yaml against",
+            "DBB_TEST_POSTGRES_URL is not set: it names the Postgres to check deploy/dagster.yaml against",
             file=sys.stderr,
         )
         return 2
-    for line in check_instance(REPO_ROOT / "dagster.yaml", admin_url):
+    for line in check_instance(PRODUCTION_DAGSTER_YAML, admin_url):
         print(line)
-    print("dagster.yaml loads against Postgres: OK")
+    print("deploy/dagster.yaml loads against Postgres: OK")
     return 0
 
 

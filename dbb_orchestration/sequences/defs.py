@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 import dagster as dg
 from pydantic import Field
 
+from dbb_orchestration.automation import automation_skip_reason
 from dbb_orchestration.operations.failure_sensor import scrub
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
 from dbb_orchestration.sequences.discover import discover_upgrade_candidates
@@ -88,6 +89,7 @@ def email_sequence_step(
             now=s.now(),
             frontend_url=s.frontend_url,
             mode=s.deployment_mode,
+            unsubscribe_secret=s.unsubscribe_secret,
         )
     except StepConfigError as exc:
         raise dg.Failure(description=scrub(str(exc)), allow_retries=False) from exc
@@ -153,13 +155,15 @@ def _run_request(launch: Launch) -> dg.RunRequest:
     name="email_sequence_sensor",
     job=email_sequence_step_job,
     minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.STOPPED,
+    default_status=dg.DefaultSensorStatus.RUNNING,
     description="Launches email_sequence_step_job once per due sequence step (run key = the step's "
     "idempotency key); failed steps are retried with back-off under <key>:attempt-<n>.",
 )
 def email_sequence_sensor(
     context: dg.SensorEvaluationContext, settings: SettingsResource, database: DatabaseResource
 ) -> dg.SensorResult:
+    if (reason := automation_skip_reason()) is not None:
+        return dg.SensorResult(skip_reason=reason, cursor=context.cursor)
     s = settings.get()
     if not s.billing_enabled:
         return dg.SensorResult(skip_reason=SELF_HOSTED_SKIP, cursor=context.cursor)
@@ -247,9 +251,14 @@ def upgrade_sequence_discover_job() -> None:
     cron_schedule="15 * * * *",
     execution_timezone="UTC",
     job=upgrade_sequence_discover_job,
+    default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Hourly at minute 15 UTC; new rows get the tick's time as entered_at.",
 )
-def upgrade_sequence_discover_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+def upgrade_sequence_discover_schedule(
+    context: dg.ScheduleEvaluationContext,
+) -> dg.RunRequest | dg.SkipReason:
+    if (reason := automation_skip_reason()) is not None:
+        return dg.SkipReason(reason)
     tick = context.scheduled_execution_time  # None only when evaluated by hand without a time
     entered_at = tick.astimezone(UTC).isoformat() if tick is not None else None
     return dg.RunRequest(

@@ -51,6 +51,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.email.sender import EmailSender, EmailSendError, OutgoingEmail
+from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
 from dbb_orchestration.plans import (
     PRO_SUBSCRIPTION_STATUSES,
     DeploymentMode,
@@ -400,6 +401,7 @@ def process_step(
     now: datetime,
     frontend_url: str,
     mode: DeploymentMode | str = DeploymentMode.CLOUD,
+    unsubscribe_secret: str | None = None,
 ) -> StepResult:
     """Run one step (see the module docstring). ``now`` is the wall clock used for the due check and
     every timestamp written. Raises :class:`StepSendFailed` on a provider failure (nothing written),
@@ -431,7 +433,7 @@ def process_step(
                 txn.rollback()
                 return StepResult(decision.outcome, ref)
             assert facts is not None and facts.email is not None
-            email = build_outgoing_email(ref, facts, mode, frontend_url)
+            email = build_outgoing_email(ref, facts, mode, frontend_url, unsubscribe_secret)
             if not claim:
                 txn.commit()  # SQLite: never hold the database-wide write lock across the provider call
             provider_id = _send(sender, email, ref)
@@ -456,7 +458,11 @@ def process_step(
 
 
 def build_outgoing_email(
-    ref: StepRef, facts: UserFacts, mode: DeploymentMode | str, frontend_url: str
+    ref: StepRef,
+    facts: UserFacts,
+    mode: DeploymentMode | str,
+    frontend_url: str,
+    unsubscribe_secret: str | None = None,
 ) -> OutgoingEmail:
     """Render the step's email for ``facts`` (``ref.step`` must be a real step) with key and tags."""
     step = get_step(ref.sequence_name, ref.step)
@@ -469,6 +475,7 @@ def build_outgoing_email(
         text=rendered.text,
         idempotency_key=ref.key,
         tags=email_tags(ref.sequence_name, ref.step),
+        headers=list_unsubscribe_headers(frontend_url, facts.user_id, unsubscribe_secret),
     )
 
 

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
+import re
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -37,6 +42,19 @@ def test_demo_day_sends_emails_and_a_rerun_sends_nothing_twice(tmp_path: Path, c
     # For every sent email the note text and the layout are there, and nothing from notes is unescaped.
     html = next(outbox.glob("*your-first-brain-bits*.html")).read_text()
     assert "http://localhost:3000/dash" in html and "<script" not in html
+    # Every .eml is dated by the simulated day, not by the real clock.
+    for eml in outbox.glob("*.eml"):
+        message = email.message_from_bytes(eml.read_bytes(), policy=email.policy.default)
+        sent = parsedate_to_datetime(str(message["Date"]))
+        assert DAY <= sent < DAY + timedelta(days=1), (eml.name, message["Date"])
+        assert message["List-Unsubscribe-Post"] == "List-Unsubscribe=One-Click"
+        assert str(message["List-Unsubscribe"]).startswith("<http://localhost:3000/unsubscribe?token=u_")
+    # Numbers in the emails add up: a person with sent digests has had notes resurfaced.
+    for upgrade in outbox.glob("*your-brain-bits-so-far*.txt"):
+        digests, notes = re.findall(r"- (\d+) (?:digests received|notes resurfaced)", upgrade.read_text())
+        assert int(digests) > 0 and int(notes) >= int(digests)
+    # Inline markdown never shows as literal markers in the plain-text part.
+    assert not [p.name for p in outbox.glob("*brain-bits*.txt") if "*what is in my control" in p.read_text()]
 
     assert run_demo(workdir=tmp_path / "w", outbox=outbox) == 0
     assert "0 emails written" in capsys.readouterr().out

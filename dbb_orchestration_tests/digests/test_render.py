@@ -132,7 +132,7 @@ def test_note_content_follows_the_excerpt_rules() -> None:
         assert "Sunday, February 8, 2026" in part
         assert "Notion · Study Notes" in part
     assert "the essay (https://essays.dbb.test/focus)" in email.text
-    assert 'the essay (<a href="https://essays.dbb.test/focus"' in email.html
+    assert re.search(r'<a href="https://essays.dbb.test/focus"[^>]*>the essay</a>', email.html)
 
 
 def test_urls_become_links_and_titles_are_escaped() -> None:

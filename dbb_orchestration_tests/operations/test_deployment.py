@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from dbb_orchestration.config import Settings
 ROOT = Path(__file__).resolve().parents[2]
 VALUES = yaml.safe_load((ROOT / "deploy" / "values.yaml").read_text())
 SECRET = yaml.safe_load((ROOT / "deploy" / "secret.example.yaml").read_text())
-INSTANCE = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+INSTANCE = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
 
 
 class RecordingEnv(Mapping[str, str]):
@@ -89,6 +93,30 @@ def test_helm_and_dagster_yaml_agree_on_run_limits() -> None:
     assert helm["maxConcurrentRuns"] == ours["max_concurrent_runs"]
 
 
+def test_helm_matches_dagster_yaml_on_pools_monitoring_retries_and_threads() -> None:
+    daemon = VALUES["dagsterDaemon"]
+    assert VALUES["concurrency"]["pools"]["defaultLimit"] == INSTANCE["concurrency"]["pools"]["default_limit"]
+    monitoring = INSTANCE["run_monitoring"]
+    assert daemon["runMonitoring"] == {
+        "enabled": monitoring["enabled"],
+        "startTimeoutSeconds": monitoring["start_timeout_seconds"],
+        "cancelTimeoutSeconds": monitoring["cancel_timeout_seconds"],
+        "pollIntervalSeconds": monitoring["poll_interval_seconds"],
+        "maxResumeRunAttempts": monitoring["max_resume_run_attempts"],
+    }
+    retries = INSTANCE["run_retries"]
+    assert daemon["runRetries"] == {
+        "enabled": retries["enabled"],
+        "maxRetries": retries["max_retries"],
+        "retryOnAssetOrOpFailure": retries["retry_on_asset_or_op_failure"],
+    }
+    for kind in ("sensors", "schedules"):
+        assert daemon[kind] == {
+            "useThreads": INSTANCE[kind]["use_threads"],
+            "numWorkers": INSTANCE[kind]["num_workers"],
+        }
+
+
 def test_docker_cmd_is_dagster_api_grpc_on_the_chart_port() -> None:
     cmd = _docker_cmd()
     assert cmd[:3] == ["dagster", "api", "grpc"]
@@ -128,3 +156,59 @@ def test_docker_cmd_serves_the_code_location(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def _default_signals() -> None:
+    """Child processes start with SIGTERM/SIGINT handled normally, even under a runner that ignores them."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_dagster_dev_serves_the_location_from_a_clean_checkout(tmp_path: Path) -> None:
+    """`dagster dev` in the repository root with no DAGSTER_HOME and no DAGSTER_PG_* variables: the
+    root dagster.yaml (local storage) is used, the webserver answers and the location loads."""
+    port = _free_port()
+    homes_before = set(ROOT.glob(".tmp_dagster_home_*"))
+    dagster = str(Path(sys.executable).with_name("dagster"))
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
+    log = (tmp_path / "dagster-dev.log").open("wb")
+    proc = subprocess.Popen(
+        [dagster, "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=_default_signals,
+    )
+    query = "{ workspaceOrError { ... on Workspace { locationEntries { name loadStatus } } } }"
+    try:
+        deadline = time.monotonic() + 120
+        entries: list[dict[str, str]] = []
+        while True:
+            assert proc.poll() is None, (tmp_path / "dagster-dev.log").read_text()[-3000:]
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/graphql",
+                    data=json.dumps({"query": query}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    entries = json.load(response)["data"]["workspaceOrError"]["locationEntries"]
+                if entries and entries[0]["loadStatus"] == "LOADED":
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "dagster dev did not serve the location in 120 s"
+            time.sleep(1)
+        assert entries == [{"name": "dbb_orchestration", "loadStatus": "LOADED"}]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+        for leftover in set(ROOT.glob(".tmp_dagster_home_*")) - homes_before:  # only if not cleaned up
+            shutil.rmtree(leftover, ignore_errors=True)

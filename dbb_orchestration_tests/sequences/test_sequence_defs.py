@@ -88,7 +88,7 @@ def test_definitions() -> None:
     assert job.graph.node_defs[0].pool == "email_provider"  # type: ignore[attr-defined]
     sensor = defs.resolve_sensor_def("email_sequence_sensor")
     assert sensor.minimum_interval_seconds == 60
-    assert sensor.default_status == dg.DefaultSensorStatus.STOPPED
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert sensor.job_name == "email_sequence_step_job"
     schedule = defs.resolve_schedule_def("upgrade_sequence_discover_schedule")
     assert (schedule.cron_schedule, schedule.execution_timezone) == ("15 * * * *", "UTC")
