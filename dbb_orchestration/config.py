@@ -101,6 +101,9 @@ class Settings:
     notion_connection_pause_seconds: float = 2.0
     # Demo and tests only: pins the wall clock (``DBB_NOW``, ISO-8601 with offset).
     now_override: datetime | None = None
+    # An hourly digest partition whose hour ended more than this many hours before ``now()`` creates
+    # and sends nothing (``DIGEST_CATCH_UP_HOURS``; docs/operations.md, backfill section).
+    digest_catch_up_hours: int = 24
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -142,6 +145,7 @@ class Settings:
             notion_page_concurrency=int(_number(env, "NOTION_PAGE_CONCURRENCY", 4, minimum=1, integer=True)),
             notion_connection_pause_seconds=_number(env, "NOTION_CONNECTION_PAUSE_SECONDS", 2.0, minimum=0),
             now_override=_instant(env, "DBB_NOW"),
+            digest_catch_up_hours=int(_number(env, "DIGEST_CATCH_UP_HOURS", 24, minimum=0, integer=True)),
         )
 
     def now(self) -> datetime:

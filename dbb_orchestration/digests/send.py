@@ -109,23 +109,60 @@ def digest_tags(interval_days: int) -> dict[str, str]:
     return {"category": "note_digest", "interval_days": str(interval_days)}
 
 
+LATER_SEND_HOUR = "later_send_hour_passed"
+
+
 @dataclass(frozen=True)
 class DueCheck:
     due: bool
-    reason: str  # "due", "first_digest", or a timing.DueReason
+    reason: str  # "due", "first_digest", "later_send_hour_passed", or a timing.DueReason
     first: bool  # never sent a digest
 
 
+def later_send_hour_passed(plan: UserPlan, now: datetime, wall: datetime) -> bool:
+    """Whether, by ``wall`` (the location's clock), the user's local send hour has begun on a local day
+    later than that of ``now`` (the logical time): their send hour has come again since, so a run for
+    ``now`` is a stale catch-up for them. Local days without that hour (a DST gap) do not count.
+    ``wall`` at or before ``now`` → False. Naive datetimes → ``ValueError``."""
+    tz, send_hour = plan.tz.tz, plan.send_hour
+    day, wall_day = local_date(now, tz), local_date(wall, tz)
+    candidate_day = wall_day
+    while candidate_day > day:
+        # fold=0: the first of a repeated hour; an hour in a DST gap does not round-trip
+        wall_clock = datetime(
+            candidate_day.year, candidate_day.month, candidate_day.day, send_hour, tzinfo=tz
+        )
+        start = wall_clock.astimezone(wall.tzinfo)
+        local = start.astimezone(tz)
+        if local.date() == candidate_day and local.hour == send_hour and start <= wall:
+            return True
+        candidate_day -= timedelta(days=1)
+    return False
+
+
 def due_check(
-    plan: UserPlan, last_sent_at: datetime | None, now: datetime, *, first_digest_bypass: bool = False
+    plan: UserPlan,
+    last_sent_at: datetime | None,
+    now: datetime,
+    *,
+    first_digest_bypass: bool = False,
+    wall: datetime | None = None,
 ) -> DueCheck:
     """SPEC §4 *Due* for ``plan``'s timezone, send hour and effective interval. With
     ``first_digest_bypass`` a user who has never been sent a digest is due at any hour (reason
-    ``first_digest``); a user who has been sent one is checked normally."""
+    ``first_digest``); a user who has been sent one is checked normally.
+
+    Catch-up (docs/behaviour.md §5–6): given ``wall``, the location's clock, a user due at ``now`` whose
+    send hour has begun again on a later local day by ``wall`` is not due (reason
+    ``later_send_hour_passed``): a backfill of missed hours serves each user at their newest missed send
+    hour only, never at an older one. A last send on a later local day than ``now`` already makes the
+    user not due (``interval_not_elapsed``), so an older day is never sent after a newer one."""
     first = last_sent_at is None
     if first_digest_bypass and first:
         return DueCheck(True, "first_digest", True)
     decision = due_decision(now, plan.tz.tz, plan.send_hour, last_sent_at, plan.interval_days)
+    if decision.due and wall is not None and later_send_hour_passed(plan, now, wall):
+        return DueCheck(False, LATER_SEND_HOUR, first)
     return DueCheck(decision.due, decision.reason, first)
 
 

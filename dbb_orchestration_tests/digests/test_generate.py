@@ -22,7 +22,11 @@ REAL = datetime(2026, 2, 8, 8, 0, 7, tzinfo=UTC)  # the wall clock while it runs
 
 
 def settings_for(engine: sa.Engine, **kw: Any) -> Settings:
-    values: dict[str, Any] = {"database_url": engine.url.render_as_string(hide_password=False)}
+    """Settings whose clock (``now_override``) is :data:`REAL` unless given: the partition runs on time."""
+    values: dict[str, Any] = {
+        "database_url": engine.url.render_as_string(hide_password=False),
+        "now_override": REAL,
+    }
     values.update(kw)
     return Settings(**values)
 
