@@ -166,7 +166,9 @@ def test_send_fails_the_op_only_when_every_send_failed() -> None:
     _check_send(SendReport(logical_time=HOUR))
 
 
-def test_missing_resend_key_fails_the_first_op_before_any_row(instance: dg.DagsterInstance, app_url: str) -> None:
+def test_missing_resend_key_fails_the_first_op_before_any_row(
+    instance: dg.DagsterInstance, app_url: str
+) -> None:
     seed(app_url, lambda c: user_with_notes(c, "u1"))
     result = digest_hourly_job.execute_in_process(
         partition_key="2026-02-08-08:00",
