@@ -400,7 +400,9 @@ def send_due_digests(
                     break
                 after = users[-1].id
                 report.batches += 1
-                claim = _claim_batch(conn, users, now, settings, first_digest_bypass, report)
+                claim = _claim_batch(
+                    conn, users, now, settings, first_digest_bypass, report, wall=real_clock()
+                )
                 deliveries = list(
                     pool.map(lambda job: _deliver(job, sender, settings, real_clock), claim.jobs)
                 )
@@ -424,6 +426,7 @@ def _claim_batch(
     settings: Settings,
     first_digest_bypass: bool,
     report: SendReport,
+    wall: datetime | None = None,
 ) -> _Claim:
     """Decide who is due, lock and choose their digests, load what the emails show."""
     report.users_considered += len(users)
@@ -433,7 +436,7 @@ def _claim_batch(
     checks: dict[str, DueCheck] = {}
     for uid, plan in plans.items():
         report.data_issues.update(plan.issues)
-        check = due_check(plan, last_sends.get(uid), now, first_digest_bypass=first_digest_bypass)
+        check = due_check(plan, last_sends.get(uid), now, first_digest_bypass=first_digest_bypass, wall=wall)
         if check.reason == "invalid_send_hour":
             report.data_issues["invalid_send_hour"] += 1
         if check.due:
