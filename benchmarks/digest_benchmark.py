@@ -374,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"job total {run['total']:.2f} s"
                 )
                 print(
-                    f"   generate: users={gen['users_considered']:,} created={gen['digests_created']:,} "
-                    f"skipped={gen['skipped_by_reason']} notes={gen['notes_selected']:,}"
+                    f"   generate: users={gen['users_considered']:,} rows created={gen['rows_created']:,} "
+                    f"for={gen['created_for']} (scheduled {gen['digests_created']:,}, skipped "
+                    f"{gen['skipped_by_reason']}), items={gen['items_created']:,}, "
+                    f"already={gen['already_generated']:,}, not needed={gen['not_needed_by_reason']}"
                 )
                 print(
                     f"   send: due={send['due']:,} sent={send['sent']:,} failed={send['failed']} "
