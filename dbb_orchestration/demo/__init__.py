@@ -260,7 +260,7 @@ def render_table(
         "no digest created (user-hours): " + _reasons(log.not_created),
         "not sent (user-hours):          " + _reasons(log.not_sent),
     ]
-    lines += ["", "sequence     what"]
+    lines += ["", "sequence     what (the database's record of the day: cumulative over invocations)"]
     for name in ("welcome", "onboarding", "upgrade"):
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(sequences.get(name, Counter()).items())) or "nothing"
         lines.append(f"{name:12s} {parts}")
