@@ -461,9 +461,15 @@ def main(argv: list[str] | None = None) -> int:
                     sa.event.remove(engine, "before_cursor_execute", counter)
                 if profile is not None:
                     out = io.StringIO()
-                    pstats.Stats(profile, stream=out).sort_stats("tottime").print_stats(30)
-                    print("\n== profile of the first run (own time; inflated by the profiler)")
-                    print("\n".join(out.getvalue().splitlines()[:45]))
+                    stats = pstats.Stats(profile, stream=out)
+                    stats.sort_stats("cumulative").print_stats(
+                        r"dbb_orchestration|sqlalchemy/engine/base", 40
+                    )
+                    stats.sort_stats("tottime").print_stats(15)
+                    print(
+                        "\n== profile of the first run (inflated by the profiler): cumulative, then own time"
+                    )
+                    print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
                 gen, send = run["metadata"][GENERATE_OP], run["metadata"][SEND_OP]
                 if label == "first run":
                     first_run_rows = int(gen["rows_created"])
