@@ -30,6 +30,7 @@ one's digests.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,12 +107,18 @@ class UserPlan:
         return ["invalid_timezone"] if self.tz.error else []
 
 
+@functools.lru_cache(maxsize=16)
+def _plan_kind(has_pro_subscription: bool, mode: DeploymentMode | str) -> tuple[bool, PlanLimits]:
+    """Pro flag and limits for a subscription flag and deployment mode (four combinations: cached)."""
+    pro = is_pro(["active"] if has_pro_subscription else [], mode)
+    return pro, plan_limits(pro, mode)
+
+
 def user_plan(row: UserRow, mode: DeploymentMode | str) -> UserPlan:
     """Settings with SPEC §3–4 defaults for a user without a settings row (interval 7, 5 notes, UTC,
     8:00), clamped to the plan (self-hosted: everyone Pro). An invalid timezone falls back to UTC (see
     ``tz.error``); an invalid send hour is kept as is and later makes the user never due."""
-    pro = is_pro(["active"] if row.has_pro_subscription else [], mode)
-    limits = plan_limits(pro, mode)
+    pro, limits = _plan_kind(row.has_pro_subscription, mode)
     if row.has_settings:
         interval = effective_interval_days(row.digest_interval_days, limits)
         notes = effective_notes_per_digest(row.notes_per_digest, limits)

@@ -11,6 +11,7 @@ import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from dbb_orchestration.config import Settings, SettingsError
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import shared_engine
 from dbb_orchestration.definitions import build_resources
@@ -435,3 +436,13 @@ def test_the_job_outside_the_window_creates_and_sends_nothing(
     )
     assert result.success and result.output_for_node(SEND_OP) == 1
     engine.dispose()
+
+
+def test_catch_up_hours_setting() -> None:
+    base = {"DATABASE_URL": "sqlite:///x.sqlite"}
+    assert Settings.from_env(base).digest_catch_up_hours == 24
+    assert Settings.from_env({**base, "DIGEST_CATCH_UP_HOURS": "72"}).digest_catch_up_hours == 72
+    assert Settings.from_env({**base, "DIGEST_CATCH_UP_HOURS": "0"}).digest_catch_up_hours == 0
+    for bad in ("-1", "1.5", "a day"):
+        with pytest.raises(SettingsError, match="DIGEST_CATCH_UP_HOURS"):
+            Settings.from_env({**base, "DIGEST_CATCH_UP_HOURS": bad})
