@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outbox", default="outbox", help="where emails are written (default ./outbox)")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
-        "--dagster-home", help="the Dagster instance for the runs (default <workdir>/dagster_home, read by `./dev ui`)"
+        "--dagster-home",
+        help="the Dagster instance for the runs (default <workdir>/dagster_home, read by `./dev ui`)",
     )
     p.set_defaults(func=cmd_demo)
     return parser
