@@ -381,7 +381,7 @@ def _aware_timestamp(conn: sa.Connection, column: sa.Column[Any]) -> sa.ColumnEl
 def load_candidates(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, list[Candidate]]:
     """Selection candidates per user: every non-deleted document of these users left-joined with its
     review state (no state row → status ``new`` and null fields): one statement. Content and hashes are
-    not loaded (see :func:`load_content_hashes` for the selected ones). Users without documents get an
+    not loaded (:func:`insert_digests_with_items` reads the selected ones'). Users without documents get an
     empty list."""
     out: dict[str, list[Candidate]] = {uid: [] for uid in user_ids}
     if not user_ids:
