@@ -81,3 +81,13 @@ def test_demo_day_sends_emails_and_a_rerun_sends_nothing_twice(tmp_path: Path, c
     assert "already_generated" in again and "already_sent_today" in again  # and says why
     assert sorted(p.name for p in outbox.iterdir()) == first
     engine.dispose()
+
+
+def test_the_repository_label_is_the_one_the_ui_gives_the_location() -> None:
+    """The UI attributes runs to `<repository name>@<location name>`: the repository of our Definitions
+    and the location name workspace.yaml gives it."""
+    from dbb_orchestration.definitions import defs
+
+    (location,) = yaml.safe_load(WORKSPACE.read_text())["load_from"]
+    name = location["python_module"]["location_name"]
+    assert f"{defs.get_repository_def().name}@{name}" == REPOSITORY_LABEL
