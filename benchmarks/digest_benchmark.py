@@ -10,8 +10,10 @@ DDL: its indexes and no others) and fills it with COPY:
 - ``--users`` verified users across seven timezones (UTC, Paris, New York, Los Angeles, Tokyo, Kolkata,
   Sydney); a ``--due-share`` of them (every 5th by default) have their preferred send hour equal to the
   partition's local hour, the others another hour; 10 % Pro (10 notes per digest), the rest free
-  (5 notes per digest); intervals 3–7 days; each user one source and one digest sent 8 days earlier, so
-  everyone in the window is due;
+  (5 notes per digest); intervals 3–7 days; each user one source; the users in the window one digest
+  sent 8 days earlier (so they are all due), the others one sent 1–8 days earlier (so some are due
+  later that day and some not), except a ``--never-sent-share`` of them (every 50th user by default)
+  who were never sent a digest;
 - ``--docs`` documents per user (AES-256-GCM content, 20 realistic notes of 0.2–1.2 KB reused), 40 % of
   them with a review state (some overdue, some due soon, some later, a few boosted or suspended).
 
@@ -21,6 +23,12 @@ through Dagster (resources and settings as in production), reports each op's wal
 run's STEP_START/STEP_SUCCESS events), the SQL statements each op issued and the emails sent; then
 runs the same partition again (nothing to do: the idempotency path) and drops the database unless
 ``--keep``.
+
+With ``--day`` it then runs generation for every hour of the partition's UTC day (the location's clock
+pinned 5 s into each hour; sending is not needed to count rows: a digest made at a user's send hour is
+on their day whether or not it is sent) and prints the rows created per day against the users due
+that day plus the never-sent users. ``--profile`` runs the first job under ``cProfile`` and prints the
+functions with the most own time (the wall times of that run are inflated by the profiler).
 
 Statements are counted with ``pg_stat_statements`` when the server has it loaded
 (``shared_preload_libraries``), else with a SQLAlchemy ``before_cursor_execute`` listener on the
@@ -32,13 +40,18 @@ from __future__ import annotations
 
 import argparse
 import base64
+import cProfile
+import functools
+import io
 import json
 import os
+import pstats
 import random
 import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,11 +63,13 @@ import dagster as dg
 import psycopg
 import sqlalchemy as sa
 
+from dbb_orchestration.config import Settings
 from dbb_orchestration.content import ContentKeyring, encode_content
 from dbb_orchestration.db.engine import create_db_engine, shared_engine
 from dbb_orchestration.definitions import build_resources
 from dbb_orchestration.digests.defs import GENERATE_OP, SEND_OP, digest_hourly_job
-from dbb_orchestration.timing import resolve_timezone
+from dbb_orchestration.digests.generate import generate_digests
+from dbb_orchestration.timing import due_decision, resolve_timezone
 
 DDL = Path(__file__).resolve().parent.parent / "dbb_orchestration_tests" / "backend_schema.sql"
 TIMEZONES = (
@@ -91,6 +106,7 @@ class Shape:
     docs: int
     due_share: float
     hour: datetime
+    never_sent_share: float = 0.02
 
 
 def _ts(value: datetime) -> str:
@@ -108,7 +124,9 @@ def seed(conn: psycopg.Connection[Any], shape: Shape) -> dict[str, int]:
     notes = [encode_content(note_markdown(n), keyring) for n in range(20)]
     hour = shape.hour
     every = max(1, round(1 / shape.due_share)) if shape.due_share > 0 else 0
+    never_every = max(1, round(1 / shape.never_sent_share)) if shape.never_sent_share > 0 else 0
     in_window = 0
+    never_sent = 0
     with conn.cursor() as cur:
         with cur.copy(
             'COPY "user" (id, name, email, email_verified, created_at, updated_at) FROM STDIN'
@@ -204,7 +222,11 @@ def seed(conn: psycopg.Connection[Any], shape: Shape) -> dict[str, int]:
             " FROM STDIN"
         ) as cp:
             for i in range(shape.users):
-                sent = _ts(hour - timedelta(days=8))
+                in_send_window = every and i % every == 0
+                if not in_send_window and never_every and i % never_every == 1:
+                    never_sent += 1
+                    continue
+                sent = _ts(hour - timedelta(days=8 if in_send_window else 1 + i % 8))
                 cp.write_row(
                     (f"user-{i:07d}", sent, sent, "sent", json.dumps({"source": "bench"}), sent, sent)
                 )
@@ -213,7 +235,61 @@ def seed(conn: psycopg.Connection[Any], shape: Shape) -> dict[str, int]:
                 f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'), (SELECT max({column}) FROM {table}))"  # noqa: S608 - constants
             )
     conn.commit()
-    return {"in_send_window": in_window}
+    return {"in_send_window": in_window, "never_sent": never_sent}
+
+
+def seeded_user(shape: Shape, i: int) -> tuple[str, int, int, datetime | None]:
+    """User ``i``'s timezone, send hour, interval and last send, as :func:`seed` writes them."""
+    every = max(1, round(1 / shape.due_share)) if shape.due_share > 0 else 0
+    never_every = max(1, round(1 / shape.never_sent_share)) if shape.never_sent_share > 0 else 0
+    tz_name = TIMEZONES[i % len(TIMEZONES)]
+    local_hour = shape.hour.astimezone(resolve_timezone(tz_name).tz).hour
+    in_window = bool(every and i % every == 0)
+    send_hour = local_hour if in_window else (local_hour + 1 + i % 23) % 24
+    last: datetime | None = shape.hour - timedelta(days=8 if in_window else 1 + i % 8)
+    if not in_window and never_every and i % never_every == 1:
+        last = None
+    return tz_name, send_hour, 3 + i % 5, last
+
+
+def expected_rows_for_day(shape: Shape) -> dict[str, int]:
+    """From the seed's parameters alone (no database): over the 24 hours of the partition's UTC day, the
+    users due at their send hour (the pure SPEC §4 rule), the never-sent users' local days touched (one
+    dashboard digest each), and what one digest per user per local day touched would be."""
+    day0 = shape.hour.replace(hour=0, minute=0, second=0, microsecond=0)
+    hours = [day0 + timedelta(hours=h) for h in range(24)]
+    due = never_sent_days = every_user_days = 0
+    for i in range(shape.users):
+        tz_name, send_hour, interval, last = seeded_user(shape, i)
+        tz = resolve_timezone(tz_name).tz
+        days = {h.astimezone(tz).date() for h in hours}
+        every_user_days += len(days)
+        if last is None:
+            never_sent_days += len(days)
+            continue
+        due += int(any(due_decision(h, tz, send_hour, last, interval).due for h in hours))
+    return {"due": due, "never_sent_days": never_sent_days, "every_user_days": every_user_days}
+
+
+def _fixed(value: datetime) -> datetime:
+    return value
+
+
+def simulate_day(url: str, env: dict[str, str], shape: Shape) -> tuple[int, Counter[str], float]:
+    """Generation for each hour of the partition's UTC day, the clock 5 s into each hour: rows created
+    (the partition's own hour included, already run), rows by why, seconds."""
+    settings = Settings.from_env(env)
+    engine = shared_engine(url)
+    day0 = shape.hour.replace(hour=0, minute=0, second=0, microsecond=0)
+    rows, why = 0, Counter[str]()
+    started = time.perf_counter()
+    for h in range(24):
+        at = day0 + timedelta(hours=h)
+        wall = at + timedelta(seconds=5)
+        report = generate_digests(engine, at, settings, clock=functools.partial(_fixed, wall))
+        rows += report.rows_created
+        why.update(report.created_for)
+    return rows, why, time.perf_counter() - started
 
 
 # ------------------------------------------------------------------------------------ measuring
@@ -269,7 +345,12 @@ def pg_stat_calls(url: str) -> int:
 
 
 def run_job(
-    partition: str, env: dict[str, str], counter: StatementCounter, use_pg_stat: bool, url: str
+    partition: str,
+    env: dict[str, str],
+    counter: StatementCounter,
+    use_pg_stat: bool,
+    url: str,
+    profile: cProfile.Profile | None = None,
 ) -> dict[str, Any]:
     """One in-process run of the hourly job; per-op seconds and statements, and the ops' outputs."""
     step_times: dict[str, float] = {}
@@ -277,12 +358,18 @@ def run_job(
     metadata: dict[str, dict[str, Any]] = {}
     with dg.DagsterInstance.ephemeral() as instance:
         started = time.perf_counter()
-        result = digest_hourly_job.execute_in_process(
-            partition_key=partition,
-            instance=instance,
-            resources=build_resources(env),
-            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-        )
+        if profile is not None:
+            profile.enable()
+        try:
+            result = digest_hourly_job.execute_in_process(
+                partition_key=partition,
+                instance=instance,
+                resources=build_resources(env),
+                run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
+            )
+        finally:
+            if profile is not None:
+                profile.disable()
         total = time.perf_counter() - started
         if not result.success:
             raise RuntimeError("digest_hourly_job failed")
@@ -317,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--due-share", type=float, default=0.2)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--never-sent-share", type=float, default=0.02)
+    parser.add_argument("--day", action="store_true", help="then count the rows created over the day")
+    parser.add_argument("--profile", action="store_true", help="cProfile the first run")
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
 
@@ -330,13 +420,14 @@ def main(argv: list[str] | None = None) -> int:
             conn.execute(DDL.read_text())
             conn.commit()
             started = time.perf_counter()
-            shape = seed(conn, Shape(args.users, args.docs, args.due_share, hour))
+            shape_args = Shape(args.users, args.docs, args.due_share, hour, args.never_sent_share)
+            shape = seed(conn, shape_args)
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
         print(
             f"seeded {args.users:,} users × {args.docs} notes ({args.users * args.docs:,} documents) in "
             f"{time.perf_counter() - started:.1f} s; {shape['in_send_window']:,} users in their send window "
-            f"at {hour.isoformat()}"
+            f"at {hour.isoformat()}; {shape['never_sent']:,} never sent a digest"
         )
         use_pg_stat = pg_stat_available(url)
         counting = (
@@ -357,16 +448,31 @@ def main(argv: list[str] | None = None) -> int:
                 "DBB_NOW": (hour + timedelta(seconds=5)).isoformat(),
             }
             engine = shared_engine(url)
+            first_run_rows = 0
             for label in ("first run", "same partition again"):
                 counter = StatementCounter()
                 sa.event.listen(engine, "before_cursor_execute", counter)
                 if use_pg_stat:
                     pg_stat_available(url)  # resets the counters
+                profile = cProfile.Profile() if args.profile and label == "first run" else None
                 try:
-                    run = run_job(args.partition, env, counter, use_pg_stat, url)
+                    run = run_job(args.partition, env, counter, use_pg_stat, url, profile)
                 finally:
                     sa.event.remove(engine, "before_cursor_execute", counter)
+                if profile is not None:
+                    out = io.StringIO()
+                    stats = pstats.Stats(profile, stream=out)
+                    stats.sort_stats("cumulative").print_stats(
+                        r"dbb_orchestration|sqlalchemy/engine/base", 40
+                    )
+                    stats.sort_stats("tottime").print_stats(15)
+                    print(
+                        "\n== profile of the first run (inflated by the profiler): cumulative, then own time"
+                    )
+                    print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
                 gen, send = run["metadata"][GENERATE_OP], run["metadata"][SEND_OP]
+                if label == "first run":
+                    first_run_rows = int(gen["rows_created"])
                 per_1000 = run["statements"]["total"] / max(1, args.users) * 1000
                 print(f"\n== {label}: digest_hourly_job partition {args.partition}")
                 print(
@@ -374,8 +480,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"job total {run['total']:.2f} s"
                 )
                 print(
-                    f"   generate: users={gen['users_considered']:,} created={gen['digests_created']:,} "
-                    f"skipped={gen['skipped_by_reason']} notes={gen['notes_selected']:,}"
+                    f"   generate: users={gen['users_considered']:,} rows created={gen['rows_created']:,} "
+                    f"for={gen['created_for']} (scheduled {gen['digests_created']:,}, skipped "
+                    f"{gen['skipped_by_reason']}), items={gen['items_created']:,}, "
+                    f"already={gen['already_generated']:,}, not needed={gen['not_needed_by_reason']}"
                 )
                 print(
                     f"   send: due={send['due']:,} sent={send['sent']:,} failed={send['failed']} "
@@ -393,6 +501,19 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 ).scalar()
             print(f"\nemails accepted by the fake Resend and recorded: {emails:,}")
+            if args.day:
+                rows, why, seconds = simulate_day(url, env, shape_args)
+                first_rows = first_run_rows
+                expected = expected_rows_for_day(shape_args)
+                print(
+                    f"\n== the partition's UTC day, 24 hourly generations ({seconds:.1f} s for the other 23)\n"
+                    f"   rows created: {rows + first_rows:,} ({first_rows:,} in the first run, then {dict(why)})\n"
+                    f"   expected from the seed alone: {expected['due']:,} users due that day + "
+                    f"{expected['never_sent_days']:,} never-sent user-days = "
+                    f"{expected['due'] + expected['never_sent_days']:,}\n"
+                    f"   one digest per user per local day touched (the previous rule) would be "
+                    f"{expected['every_user_days']:,}"
+                )
             engine.dispose()
     finally:
         if args.keep:

@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--dagster-home",
-        help="keep the runs in this Dagster instance folder (used by ./dev ui); default: a throwaway one",
+        help="the Dagster instance for the runs (default <workdir>/dagster_home, read by `./dev ui`)",
     )
     p.set_defaults(func=cmd_demo)
     return parser

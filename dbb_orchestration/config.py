@@ -118,6 +118,9 @@ class Settings:
     automation_enabled: bool = True
     # HMAC-SHA256 key of the one-click unsubscribe token (``UNSUBSCRIBE_SECRET``); unset → no header.
     unsubscribe_secret: str | None = None
+    # An hourly digest partition whose hour ended more than this many hours before ``now()`` creates
+    # and sends nothing (``DIGEST_CATCH_UP_HOURS``; docs/operations.md, backfill section).
+    digest_catch_up_hours: int = 24
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -162,6 +165,7 @@ class Settings:
             notion_max_retry_wait_seconds=_number(env, "NOTION_MAX_RETRY_WAIT_SECONDS", 300.0, minimum=0),
             automation_enabled=automation_enabled(env),
             unsubscribe_secret=(env.get("UNSUBSCRIBE_SECRET") or "").strip() or None,
+            digest_catch_up_hours=int(_number(env, "DIGEST_CATCH_UP_HOURS", 24, minimum=0, integer=True)),
         )
 
     def now(self) -> datetime:

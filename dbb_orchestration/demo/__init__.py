@@ -1,14 +1,20 @@
 """``dbb-orchestration demo``: a simulated day on the embedded default.
 
-A SQLite application database, an ephemeral Dagster instance (or ``--dagster-home``), and the fake
-Resend and fake Notion servers on 127.0.0.1. The world of :mod:`.world` is seeded once; then every
-hour of :data:`~.world.DAY` runs a partition of ``digest_hourly_job``, ticks ``first_digest_sensor``
-and ``email_sequence_sensor`` (at :05 and :35) and runs what they request, runs
-``upgrade_sequence_discover_job`` at :15, and ``notion_sync_weekly_job`` at 03:00 (a Sunday).
-``DBB_NOW`` pins each run's wall clock to the simulated time, so the day is the same on every run.
+A SQLite application database, a persistent Dagster instance in ``<workdir>/dagster_home`` (or
+``--dagster-home``), and the fake Resend and fake Notion servers on 127.0.0.1. The world of
+:mod:`.world` is seeded once; then every hour of :data:`~.world.DAY` runs a partition of
+``digest_hourly_job``, ticks ``first_digest_sensor`` and ``email_sequence_sensor`` (at :05 and :35) and
+runs what they request, runs ``upgrade_sequence_discover_job`` at :15, and ``notion_sync_weekly_job``
+at 03:00 (a Sunday). ``DBB_NOW`` pins each run's wall clock to the simulated time, so the day is the
+same on every run.
+
+Every run carries the tags Dagster's UI uses to attribute it: the partition and partition set (set by
+``execute_in_process(partition_key=…)``) and the code location's repository label, so ``./dev ui``
+shows the 24 hours as ran partitions of ``digest_hourly_job`` and every run under the location.
 
 Every email lands in the outbox as ``.html``, ``.txt`` and ``.eml``. Rerunning into the same work
-directory sends nothing twice: the database already records what went out.
+directory sends nothing twice: the database already records what went out, and the table printed is
+that invocation's own runs (per run, not cumulative) with the reasons nothing was created or sent.
 """
 
 from __future__ import annotations
@@ -36,6 +42,11 @@ from dbb_orchestration.testing.fake_resend import FakeResend
 # A fixed demo key (never a real one): notes are stored encrypted like production.
 DEMO_KEY = base64.b64encode(b"dbb-demo-key-32-bytes-not-secret").decode()
 SENSOR_MINUTES = (5, 35)
+# What the UI filters a location's runs and partition statuses by (`.dagster/repository`): the
+# repository of a `Definitions` object is `__repository__`; the location is named in workspace.yaml.
+LOCATION_NAME = "dbb_orchestration"
+REPOSITORY_LABEL = f"__repository__@{LOCATION_NAME}"
+REPOSITORY_LABEL_TAG = ".dagster/repository"
 
 
 def demo_env(db_url: str) -> dict[str, str]:
@@ -60,6 +71,8 @@ class DayLog:
     runs: Counter[str] = field(default_factory=Counter)
     failed_runs: list[str] = field(default_factory=list)
     notion: dict[str, Any] = field(default_factory=dict)
+    not_created: Counter[str] = field(default_factory=Counter)  # generation: users given no digest, why
+    not_sent: Counter[str] = field(default_factory=Counter)  # sending: users not due / skipped, why
 
 
 def _output_metadata(result: dg.ExecuteInProcessResult, step_key: str) -> dict[str, Any]:
@@ -88,8 +101,9 @@ class Simulation:
     def run(self, defs: dg.Definitions, job_name: str, **kwargs: Any) -> dg.ExecuteInProcessResult:
         run_config = dict(kwargs.pop("run_config", None) or {})
         run_config["loggers"] = {"console": {"config": {"log_level": self.log_level}}}
+        tags = {**(kwargs.pop("tags", None) or {}), REPOSITORY_LABEL_TAG: REPOSITORY_LABEL}
         result = defs.get_job_def(job_name).execute_in_process(
-            instance=self.instance, raise_on_error=False, run_config=run_config, **kwargs
+            instance=self.instance, raise_on_error=False, run_config=run_config, tags=tags, **kwargs
         )
         self.log.runs[job_name] += 1
         if not result.success:
@@ -104,11 +118,15 @@ class Simulation:
         gen = _output_metadata(result, "generate_digests")
         send = _output_metadata(result, "send_digests")
         counts = self.log.hours[hour]
-        counts["created"] += int(gen.get("digests_created", 0) or 0)
+        counts["created"] += int(gen.get("rows_created", 0) or 0)
         counts["due"] += int(send.get("due", 0) or 0)
         counts["sent"] += int(send.get("sent", 0) or 0)
         counts["failed"] += int(send.get("failed", 0) or 0)
         counts["skipped"] += sum((send.get("skipped_by_reason") or {}).values())
+        self.log.not_created["already_generated"] += int(gen.get("already_generated", 0) or 0)
+        self.log.not_created.update(gen.get("not_needed_by_reason") or {})
+        self.log.not_sent.update(send.get("not_due_by_reason") or {})
+        self.log.not_sent.update(send.get("skipped_by_reason") or {})
 
     def tick(self, sensor_name: str, when: datetime, hour: int) -> None:
         defs = self.defs_at(when)
@@ -224,7 +242,11 @@ def sequence_summary(engine: sa.Engine) -> dict[str, Counter[str]]:
 def render_table(
     log: DayLog, sequences: dict[str, Counter[str]], outbox: Path, emails: int, seconds: float
 ) -> str:
-    lines = [f"Simulated day {DAY.date()} (UTC)", "", "hour  created  due  sent  first  skipped  failed"]
+    lines = [
+        f"Simulated day {DAY.date()} (UTC): this invocation's runs (per run, not cumulative)",
+        "",
+        "hour  created  due  sent  first  skipped  failed",
+    ]
     for hour in range(24):
         c = log.hours[hour]
         lines.append(
@@ -238,7 +260,12 @@ def render_table(
         f"total {total['created']:8d} {total['due']:4d} {total['sent']:5d} {total['first']:6d} "
         f"{total['skipped']:8d} {total['failed']:7d}"
     )
-    lines += ["", "sequence     what"]
+    lines += [
+        "",
+        "no digest created (user-hours): " + _reasons(log.not_created),
+        "not sent (user-hours):          " + _reasons(log.not_sent),
+    ]
+    lines += ["", "sequence     what (the database's record of the day: cumulative over invocations)"]
     for name in ("welcome", "onboarding", "upgrade"):
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(sequences.get(name, Counter()).items())) or "nothing"
         lines.append(f"{name:12s} {parts}")
@@ -250,6 +277,10 @@ def render_table(
         lines.append(f"failed runs: {log.failed_runs}")
     lines.append(f"{emails} emails written to {outbox}/ in {seconds:.1f} s")
     return "\n".join(lines)
+
+
+def _reasons(counts: Counter[str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v) or "none"
 
 
 def run_demo(
@@ -280,12 +311,9 @@ def run_demo(
             "NOTION_API_URL": notion_fake.base_url,
         }
         log = DayLog()
-        if dagster_home is not None:
-            Path(dagster_home).mkdir(parents=True, exist_ok=True)
-            instance_cm = dg.DagsterInstance.from_config(str(Path(dagster_home).resolve()))
-        else:
-            instance_cm = dg.DagsterInstance.ephemeral()
-        with instance_cm as instance:
+        home = Path(dagster_home) if dagster_home is not None else workdir / "dagster_home"
+        home.mkdir(parents=True, exist_ok=True)
+        with dg.DagsterInstance.from_config(str(home.resolve())) as instance:
             Simulation(env, instance, log, clock).day()
         emails = len(resend_fake.sent)
         resend_fake.raise_server_errors()

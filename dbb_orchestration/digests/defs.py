@@ -8,8 +8,14 @@
 - ``first_digest_sensor`` (every 30 s) → ``digest_send_for_user_job`` (config ``user_id``, ``reason``;
   tag ``dbb/job=digest_send_for_user``): a user's first digest goes out right after their first sync.
 
+Both ops first check the catch-up window: a partition whose hour ended more than
+``DIGEST_CATCH_UP_HOURS`` before the location's clock creates and sends nothing (metadata
+``outside_catch_up_window``). ``generate_digests`` also checks that emails can be sent (``RESEND_API_KEY``
+set, or dry run) before it writes anything, so a missing key fails the run with no rows written; the
+first-digest sensor skips with the same message.
+
 Both ops are safe to retry, hence their ``RetryPolicy``: generation creates nothing for a user who
-already has the day's digest, and sending claims digests with row locks, sends with the idempotency
+already has a digest on the day, and sending claims digests with row locks, sends with the idempotency
 key ``note-digest-<id>`` and records only digests still pending (see ``send.py``).
 
 Logs and metadata carry ids and counts only: never note text, email addresses or keys.
@@ -24,7 +30,8 @@ import dagster as dg
 from pydantic import Field
 
 from dbb_orchestration.automation import automation_skip_reason, switchable
-from dbb_orchestration.digests.generate import generate_digests
+from dbb_orchestration.config import SettingsError
+from dbb_orchestration.digests.generate import generate_digests, outside_catch_up_window
 from dbb_orchestration.digests.queries import find_first_digest_users
 from dbb_orchestration.digests.send import SendReport, send_due_digests
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
@@ -84,20 +91,21 @@ def _check_send(report: SendReport) -> None:
 @dg.op(
     name=GENERATE_OP,
     retry_policy=_RETRY,
-    description="Creates each user's digest for the local day of the partition's hour (idempotent).",
+    description="Creates the digests needed at the partition's hour: for users due then, and one a day "
+    "for users never sent a digest (idempotent per user and local day).",
 )
 def generate_digests_op(
-    context: dg.OpExecutionContext, settings: SettingsResource, database: DatabaseResource
+    context: dg.OpExecutionContext,
+    settings: SettingsResource,
+    database: DatabaseResource,
+    email: EmailResource,
 ) -> dg.Output[int]:
     s = settings.get()
+    email.sender_for_op(dry_run=s.digest_email_dry_run)  # a missing RESEND_API_KEY fails before any row
     now = partition_start(context)
     report = generate_digests(database.engine, now, s, clock=s.now)
-    context.log.info(
-        f"digest generation for {now.isoformat()}: users={report.users_considered} "
-        f"created={report.digests_created} skipped={dict(report.skipped)} "
-        f"already={report.already_generated} issues={dict(report.data_issues)}"
-    )
-    return dg.Output(report.digests_created, metadata=report.metadata())
+    context.log.info(f"digest generation for {now.isoformat()}: {report.summary()}")
+    return dg.Output(report.rows_created, metadata=report.metadata())
 
 
 @dg.op(
@@ -116,10 +124,21 @@ def send_digests_op(
     s = settings.get()
     sender = email.sender_for_op(dry_run=s.digest_email_dry_run)  # a missing RESEND_API_KEY fails here
     now = partition_start(context)
+    if outside_catch_up_window(now, s.now(), s.digest_catch_up_hours):
+        context.log.info(f"digest sending for {now.isoformat()}: outside_catch_up_window: nothing sent")
+        return dg.Output(
+            0,
+            metadata={
+                "logical_time": now.isoformat(),
+                "outside_catch_up_window": True,
+                "catch_up_hours": s.digest_catch_up_hours,
+                "sent": 0,
+            },
+        )
     report = send_due_digests(database.engine, sender, s, now, clock=s.now)
     context.log.info(f"digest sending for {now.isoformat()}: {_summary(report)}")
     _check_send(report)
-    return dg.Output(report.sent, metadata=report.metadata())
+    return dg.Output(report.sent, metadata={"outside_catch_up_window": False, **report.metadata()})
 
 
 @dg.job(
@@ -208,13 +227,20 @@ def first_digest_sensor(
     """At most :data:`FIRST_DIGEST_SENSOR_LIMIT` users per tick (newest pending digest first), one run
     each under the run key ``digest-send-<userId>-seed_digest_ready``.
 
-    A run key is used once for ever, so a first-digest run that fails is not launched again by this
-    sensor. That is acceptable: the failed digest stays pending (``failed``, or ``scheduled`` if the run
-    died early) and the hourly job sends or retries it at the user's send hour like any digest.
+    A pending digest is ``scheduled`` or ``failed``. A run key is used once for ever, so a first-digest
+    run that fails is not launched again by this sensor. That is acceptable: the failed digest stays
+    pending and the hourly job sends or retries it at the user's send hour like any digest.
+
+    Without ``RESEND_API_KEY`` (and dry run off) the sensor launches nothing and its skip reason names
+    the variable: every launched run would fail.
     """
     if (reason := automation_skip_reason()) is not None:
         return dg.SensorResult(skip_reason=reason)
     s = settings.get()
+    try:
+        s.require_resend(dry_run=s.digest_email_dry_run)
+    except SettingsError as exc:
+        return dg.SensorResult(skip_reason=f"digests cannot be sent: {exc}")
     with database.engine.connect() as conn:
         users = find_first_digest_users(conn, s.now(), FIRST_DIGEST_SENSOR_LIMIT)
     if not users:

@@ -1,37 +1,53 @@
-"""Digest generation, the first half of every hourly run (SPEC §5).
+"""Digest generation, the first half of every hourly run (docs/behaviour.md §5).
 
-Shape: per batch of users (``Settings.digest_batch_size``, keyset pagination by user id) a fixed set of
-statements — advisory lock, users + settings + Pro flag, latest digest per user, candidate documents
-with review states (only for users who need a digest), hashes of the selected documents, one insert of
-the digests, one insert of the items — around pure decisions (:func:`user_plan`,
-:func:`needs_digest`, :func:`plan_digest`). Each batch is its own transaction.
+**Which digests.** A user has at most one digest per local day: the local date of the run's logical
+time ``now`` (the partition's hour), ``scheduled_for`` = the start of that day. A run creates a user's
+digest only where it is needed (:func:`generation_decision`):
 
-Idempotent: a user whose most recent digest already stands for the logical time's local day gets
-nothing, so running the same hour twice creates nothing new. Two generations running at once are
-serialised batch by batch by a Postgres advisory lock (see ``queries.DIGEST_LOCK_KEY``), so the second
-sees the first one's digests.
+- ``due`` — the user can be emailed (verified, non-blank address) and is due at ``now`` by the very
+  rule the send half applies (:func:`dbb_orchestration.digests.send.due_check`, catch-up included):
+  the digest is made in the run that sends it;
+- ``never_sent`` — the user has never been sent a digest: one digest per local day (``skipped``
+  ``no_documents`` / ``empty_selection`` included) so the dashboard has something to show, made for
+  the current local day of the location's clock only (a backfill of a past day makes none);
+- otherwise nothing (counted in ``not_needed`` by reason).
+
+A user who already has a digest whose ``scheduled_for`` (or ``created_at`` when null) is on that local
+day gets nothing, whatever its status and whenever it was made: rerunning or backfilling any hour
+creates nothing that exists.
+
+**Catch-up window.** A partition whose hour ended more than ``Settings.digest_catch_up_hours`` before
+the location's clock creates nothing (``outside_catch_up_window``); see :func:`outside_catch_up_window`.
+
+**Shape.** Per batch of users (``Settings.digest_batch_size``, keyset pagination by user id) a fixed set
+of statements — advisory lock, users + settings + Pro flag, the users' last sends and digests near the
+logical time (one ``UNION ALL``), candidate documents with review states (only for users who need a
+digest), and one insert of the digests with their items (one statement on Postgres) — around pure
+decisions. Each batch is its own transaction. Two generations running at once are serialised batch by
+batch by a Postgres advisory lock (see ``queries.DIGEST_LOCK_KEY``), so the second sees the first
+one's digests.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
 
 from dbb_orchestration.config import Settings
-from dbb_orchestration.db import tables as t
 from dbb_orchestration.digests.queries import (
-    DigestRow,
+    GenerationFacts,
+    NewDigest,
     UserRow,
     advisory_xact_lock,
-    insert_many,
+    insert_digests_with_items,
     load_candidates,
-    load_content_hashes,
-    load_latest_digests,
+    load_generation_facts,
     load_user_batch,
 )
 from dbb_orchestration.digests.selection import Candidate, daily_seed, select_notes
@@ -59,7 +75,9 @@ __all__ = [
     "PlannedDigest",
     "UserPlan",
     "generate_digests",
-    "needs_digest",
+    "generation_decision",
+    "has_digest_on_day",
+    "outside_catch_up_window",
     "plan_digest",
     "user_plan",
 ]
@@ -89,12 +107,18 @@ class UserPlan:
         return ["invalid_timezone"] if self.tz.error else []
 
 
+@functools.lru_cache(maxsize=16)
+def _plan_kind(has_pro_subscription: bool, mode: DeploymentMode | str) -> tuple[bool, PlanLimits]:
+    """Pro flag and limits for a subscription flag and deployment mode (four combinations: cached)."""
+    pro = is_pro(["active"] if has_pro_subscription else [], mode)
+    return pro, plan_limits(pro, mode)
+
+
 def user_plan(row: UserRow, mode: DeploymentMode | str) -> UserPlan:
     """Settings with SPEC §3–4 defaults for a user without a settings row (interval 7, 5 notes, UTC,
     8:00), clamped to the plan (self-hosted: everyone Pro). An invalid timezone falls back to UTC (see
     ``tz.error``); an invalid send hour is kept as is and later makes the user never due."""
-    pro = is_pro(["active"] if row.has_pro_subscription else [], mode)
-    limits = plan_limits(pro, mode)
+    pro, limits = _plan_kind(row.has_pro_subscription, mode)
     if row.has_settings:
         interval = effective_interval_days(row.digest_interval_days, limits)
         notes = effective_notes_per_digest(row.notes_per_digest, limits)
@@ -108,14 +132,59 @@ def user_plan(row: UserRow, mode: DeploymentMode | str) -> UserPlan:
     return UserPlan(row.id, tz, pro, limits, interval, notes, hour)
 
 
-def needs_digest(plan: UserPlan, latest: DigestRow | None, now: datetime) -> bool:
-    """False when the user's most recent digest (by ``created_at``) has ``scheduled_for`` — or
-    ``created_at`` when that is null — on the same local day as ``now``; True otherwise (also without
-    any digest)."""
-    if latest is None:
-        return True
-    stamp = latest.scheduled_for or latest.created_at
-    return local_date(stamp, plan.tz.tz) != local_date(now, plan.tz.tz)
+def outside_catch_up_window(now: datetime, wall: datetime, catch_up_hours: int) -> bool:
+    """Whether the hourly partition starting at ``now`` ended (``now`` + 1 h) more than
+    ``catch_up_hours`` before ``wall``, the location's clock. The hour in progress is always inside;
+    with 24, yesterday's 08:00 hour is inside until 09:00 today. Naive datetimes → ``ValueError``."""
+    end = as_utc(now, "now") + timedelta(hours=1)
+    return as_utc(wall, "wall") - end > timedelta(hours=catch_up_hours)
+
+
+def has_digest_on_day(plan: UserPlan, stamps: Sequence[datetime], now: datetime) -> bool:
+    """Whether any of the user's digest day stamps (``scheduled_for``, or ``created_at`` when null) is on
+    the local day of ``now``."""
+    day = local_date(now, plan.tz.tz)
+    return any(local_date(stamp, plan.tz.tz) == day for stamp in stamps)
+
+
+def can_be_emailed(row: UserRow) -> bool:
+    """The send half's candidates: verified, with a non-blank address."""
+    return bool(row.email_verified and (row.email or "").strip())
+
+
+def generation_decision(
+    plan: UserPlan,
+    *,
+    emailable: bool,
+    facts: GenerationFacts,
+    now: datetime,
+    wall: datetime,
+) -> tuple[bool, str]:
+    """``(create, reason)`` for one user at logical time ``now`` with the location's clock ``wall``:
+
+    - ``(False, "already_generated")`` — a digest exists on the local day of ``now``;
+    - ``(True, "due")`` — emailable and due at ``now`` (``send.due_check`` with ``wall``);
+    - ``(True, "never_sent")`` — never sent a digest, and the local day of ``now`` is not older than
+      the local day of ``wall`` (one digest per day for the dashboard, not for past days);
+    - ``(False, <why>)`` otherwise: the due check's reason (``not_send_hour``, ``already_sent_today``,
+      ``interval_not_elapsed``, ``later_send_hour_passed``, ``invalid_send_hour``), ``not_emailable``,
+      or ``past_day`` for a never-sent user on a past day.
+    """
+    from dbb_orchestration.digests.send import due_check  # send.py builds on this module
+
+    if has_digest_on_day(plan, facts.near_stamps, now):
+        return False, "already_generated"
+    reason = "not_emailable"
+    if emailable:
+        check = due_check(plan, facts.last_sent_at, now, wall=wall)
+        if check.due:
+            return True, "due"
+        reason = check.reason
+    if facts.last_sent_at is None:
+        if local_date(now, plan.tz.tz) >= local_date(wall, plan.tz.tz):
+            return True, "never_sent"
+        return False, "past_day"
+    return False, reason
 
 
 @dataclass(frozen=True)
@@ -158,28 +227,60 @@ class GenerateReport:
     """Counts of one generation run (ids and counts only: safe for event logs)."""
 
     logical_time: datetime
+    outside_catch_up_window: bool = False
     users_considered: int = 0
     already_generated: int = 0
+    created_for: Counter[str] = field(default_factory=Counter)  # digests made, by why: due / never_sent
+    not_needed: Counter[str] = field(default_factory=Counter)  # users given nothing, by reason
     digests_created: int = 0  # scheduled digests with items
     skipped: Counter[str] = field(default_factory=Counter)  # skipped digests stored, by reason
-    notes_selected: int = 0
+    items_created: int = 0
     notes_excluded: Counter[str] = field(default_factory=Counter)  # suspended / deprioritized candidates
     data_issues: Counter[str] = field(default_factory=Counter)  # invalid_timezone, user_error:<Type>
     batches: int = 0
 
+    @property
+    def rows_created(self) -> int:
+        """``note_digests`` rows inserted by this run (scheduled + skipped)."""
+        return self.digests_created + sum(self.skipped.values())
+
+    @property
+    def notes_selected(self) -> int:
+        return self.items_created
+
     def metadata(self) -> dict[str, Any]:
         return {
             "logical_time": self.logical_time.isoformat(),
+            "outside_catch_up_window": self.outside_catch_up_window,
             "users_considered": self.users_considered,
             "already_generated": self.already_generated,
+            "rows_created": self.rows_created,
+            "created_for": dict(sorted(self.created_for.items())),
             "digests_created": self.digests_created,
             "skipped_digests": sum(self.skipped.values()),
             "skipped_by_reason": dict(sorted(self.skipped.items())),
-            "notes_selected": self.notes_selected,
+            "items_created": self.items_created,
+            "not_needed_by_reason": dict(sorted(self.not_needed.items())),
             "notes_excluded_by_reason": dict(sorted(self.notes_excluded.items())),
             "data_issues": dict(sorted(self.data_issues.items())),
             "batches": self.batches,
         }
+
+    def summary(self) -> str:
+        """One log line (counts only)."""
+        if self.outside_catch_up_window:
+            return "outside_catch_up_window: nothing created"
+        return (
+            f"users={self.users_considered} rows_created={self.rows_created} "
+            f"created_for={dict(self.created_for)} skipped={dict(self.skipped)} "
+            f"already={self.already_generated} not_needed={dict(self.not_needed)} "
+            f"issues={dict(self.data_issues)}"
+        )
+
+
+# A local day containing an instant lies within 26 hours of it on either side (UTC offsets span
+# -12…+14 h; a DST day is at most 25 h long): digests outside that range are never on its day.
+_NEAR = timedelta(hours=26)
 
 
 def generate_digests(
@@ -189,14 +290,19 @@ def generate_digests(
     *,
     clock: Callable[[], datetime] | None = None,
 ) -> GenerateReport:
-    """Create today's digest for every user who has none for the local day of ``now`` (the logical
-    time: the partition's hour for the hourly job). ``created_at``/``updated_at`` come from ``clock``
-    (default ``settings.now``: the real time). One user's bad data (an invalid timezone falls back to
-    UTC; anything unexpected in one user's selection) is counted in ``data_issues`` and never stops the
-    others. A database error aborts the run; batches already committed stay (a rerun continues)."""
+    """Create the digests needed at the logical time ``now`` (the partition's hour for the hourly job):
+    see the module docstring. ``clock`` (default ``settings.now``) is the location's clock: read once at
+    the start for the catch-up rules, and per batch for ``created_at``/``updated_at``. One user's bad
+    data (an invalid timezone falls back to UTC; anything unexpected in one user's selection) is
+    counted in ``data_issues`` and never stops the others. A database error aborts the run; batches
+    already committed stay (a rerun continues)."""
     now = as_utc(now, "now")
     real_clock = clock or settings.now
+    wall = as_utc(real_clock(), "clock()")
     report = GenerateReport(logical_time=now)
+    if outside_catch_up_window(now, wall, settings.digest_catch_up_hours):
+        report.outside_catch_up_window = True
+        return report
     after: str | None = None
     while True:
         with engine.begin() as conn:
@@ -206,7 +312,7 @@ def generate_digests(
                 break
             after = users[-1].id
             report.batches += 1
-            _generate_batch(conn, users, now, settings.deployment_mode, real_clock, report)
+            _generate_batch(conn, users, now, wall, settings.deployment_mode, real_clock, report)
         if len(users) < settings.digest_batch_size:
             break
     return report
@@ -216,71 +322,49 @@ def _generate_batch(
     conn: sa.Connection,
     users: Sequence[UserRow],
     now: datetime,
+    wall: datetime,
     mode: DeploymentMode,
     clock: Callable[[], datetime],
     report: GenerateReport,
 ) -> None:
     report.users_considered += len(users)
+    rows = {row.id: row for row in users}
     plans = {row.id: user_plan(row, mode) for row in users}
     for plan in plans.values():
         report.data_issues.update(plan.issues)
-    latest = load_latest_digests(conn, list(plans))
-    needy = [uid for uid, plan in plans.items() if needs_digest(plan, latest.get(uid), now)]
-    report.already_generated += len(plans) - len(needy)
+    facts = load_generation_facts(conn, list(plans), now - _NEAR, now + _NEAR)
+    needy: list[str] = []
+    empty = GenerationFacts()
+    for uid, plan in plans.items():
+        create, reason = generation_decision(
+            plan, emailable=can_be_emailed(rows[uid]), facts=facts.get(uid, empty), now=now, wall=wall
+        )
+        if create:
+            needy.append(uid)
+            report.created_for[reason] += 1
+        elif reason == "already_generated":
+            report.already_generated += 1
+        else:
+            report.not_needed[reason] += 1
     if not needy:
         return
     by_user = load_candidates(conn, needy)
 
-    planned: list[PlannedDigest] = []
+    new: list[NewDigest] = []
     for uid in needy:
         try:
-            planned.append(plan_digest(plans[uid], by_user[uid], now))
+            p = plan_digest(plans[uid], by_user[uid], now)
         except Exception as exc:  # one user's odd data never stops the batch
             report.data_issues[f"user_error:{type(exc).__name__}"] += 1
-    hashes = load_content_hashes(conn, [doc for p in planned for doc in p.document_ids])
-
-    stamp = as_utc(clock(), "clock()")
-    digest_rows: list[dict[str, Any]] = []
-    kept: dict[str, tuple[int, ...]] = {}
-    for p in planned:
+            continue
         report.notes_excluded.update(why for _doc_id, why in p.notes_skipped)
-        docs = tuple(doc for doc in p.document_ids if doc in hashes)  # a document deleted meanwhile
-        status: str = p.status
-        reason: str | None = p.reason
-        if status == "scheduled" and not docs:
-            status, reason = "skipped", "empty_selection"
         payload: dict[str, Any] = {"source": DAILY_SOURCE, "logical_time": now.isoformat()}
-        if status == "skipped":
-            payload["reason"] = reason
-            report.skipped[reason or "unknown"] += 1
+        if p.status == "skipped":
+            payload["reason"] = p.reason
+            report.skipped[p.reason or "unknown"] += 1
         else:
-            payload["note_count"] = len(docs)
-            kept[p.user_id] = docs
+            payload["note_count"] = len(p.document_ids)
             report.digests_created += 1
-            report.notes_selected += len(docs)
-        digest_rows.append(
-            {
-                "user_id": p.user_id,
-                "scheduled_for": p.scheduled_for,
-                "status": status,
-                "payload_json": payload,
-                "created_at": stamp,
-                "updated_at": stamp,
-            }
-        )
-    inserted = insert_many(
-        conn, t.note_digests, digest_rows, returning=(t.note_digests.c.id, t.note_digests.c.user_id)
-    )
-    ids = {row.user_id: int(row.id) for row in inserted}
-    item_rows = [
-        {
-            "note_digest_id": ids[uid],
-            "document_id": doc_id,
-            "position": position,
-            "content_hash_at_send": hashes[doc_id],
-            "created_at": stamp,
-        }
-        for uid, docs in kept.items()
-        for position, doc_id in enumerate(docs, start=1)
-    ]
-    insert_many(conn, t.note_digest_items, item_rows)
+            report.items_created += len(p.document_ids)
+        new.append(NewDigest(p.user_id, p.scheduled_for, p.status, payload, p.document_ids))
+    insert_digests_with_items(conn, new, as_utc(clock(), "clock()"))

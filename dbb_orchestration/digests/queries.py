@@ -36,17 +36,21 @@ __all__ = [
     "DIGEST_LOCK_KEY",
     "PENDING_STATUSES",
     "DigestRow",
+    "GenerationFacts",
     "ItemRow",
+    "NewDigest",
     "ReviewRow",
     "UserRow",
     "advisory_xact_lock",
     "find_first_digest_users",
     "in_ids",
+    "insert_digests_with_items",
     "insert_many",
     "load_active_sources",
     "load_candidates",
     "load_content_hashes",
     "load_document_counts",
+    "load_generation_facts",
     "load_items",
     "load_last_sends",
     "load_latest_digests",
@@ -377,7 +381,7 @@ def _aware_timestamp(conn: sa.Connection, column: sa.Column[Any]) -> sa.ColumnEl
 def load_candidates(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, list[Candidate]]:
     """Selection candidates per user: every non-deleted document of these users left-joined with its
     review state (no state row → status ``new`` and null fields): one statement. Content and hashes are
-    not loaded (see :func:`load_content_hashes` for the selected ones). Users without documents get an
+    not loaded (:func:`insert_digests_with_items` reads the selected ones'). Users without documents get an
     empty list."""
     out: dict[str, list[Candidate]] = {uid: [] for uid in user_ids}
     if not user_ids:
@@ -396,11 +400,168 @@ def load_candidates(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, l
         .select_from(doc.outerjoin(rs, rs.c.document_id == doc.c.id))
         .where(in_ids(conn, doc.c.user_id, user_ids), doc.c.deleted_at_source.is_(None))
     )
-    for doc_id, user_id, status, weight, deprioritized, due, last_sent in conn.execute(stmt).all():
+    result = conn.execute(stmt)
+    if is_postgres(conn):
+        # The rows as psycopg built them (plain tuples; no column needs a result processor here, see
+        # _aware_timestamp): skips building ~50 SQLAlchemy Row objects per user on large loads.
+        rows: Sequence[Any] = result.cursor.fetchall()
+        result.close()
+    else:
+        rows = result.all()
+    for doc_id, user_id, status, weight, deprioritized, due, last_sent in rows:
         bucket = out.get(user_id)
         if bucket is not None:
             bucket.append(Candidate(doc_id, status or "new", weight, deprioritized, due, last_sent))
     return out
+
+
+@dataclass(frozen=True)
+class GenerationFacts:
+    """What generation needs to know about a user's digests: the newest send (``sent_at``, or
+    ``updated_at`` of a ``sent`` digest without it; ``None`` = never sent) and the day stamps
+    (``scheduled_for``, or ``created_at`` when null) of their digests near the logical time."""
+
+    last_sent_at: datetime | None = None
+    near_stamps: tuple[datetime, ...] = ()
+
+
+def load_generation_facts(
+    conn: sa.Connection, user_ids: Sequence[str], near_from: datetime, near_to: datetime
+) -> dict[str, GenerationFacts]:
+    """Per user: the newest send and the day stamps of their digests with ``near_from`` ≤ stamp <
+    ``near_to``: ONE statement (a ``UNION ALL`` of the two reads). Users with neither are absent."""
+    if not user_ids:
+        return {}
+    d = t.note_digests
+    stamp = sa.func.coalesce(d.c.scheduled_for, d.c.created_at)
+    near = sa.select(d.c.user_id, sa.literal(False).label("is_send"), stamp.label("at")).where(
+        in_ids(conn, d.c.user_id, user_ids), stamp >= near_from, stamp < near_to
+    )
+    sends = (
+        sa.select(
+            d.c.user_id,
+            sa.literal(True).label("is_send"),
+            sa.func.max(sa.func.coalesce(d.c.sent_at, d.c.updated_at)).label("at"),
+        )
+        .where(in_ids(conn, d.c.user_id, user_ids), d.c.status == "sent")
+        .group_by(d.c.user_id)
+    )
+    last: dict[str, datetime] = {}
+    stamps: dict[str, list[datetime]] = {}
+    for user_id, is_send, at in conn.execute(sa.union_all(near, sends)).all():
+        if at is None:
+            continue
+        if is_send:
+            last[user_id] = at
+        else:
+            stamps.setdefault(user_id, []).append(at)
+    return {
+        uid: GenerationFacts(last.get(uid), tuple(stamps.get(uid, ()))) for uid in set(last) | set(stamps)
+    }
+
+
+_INSERT_DIGESTS_WITH_ITEMS = sa.text(
+    """
+WITH v AS (
+  SELECT * FROM unnest(:user_ids, :scheduled_fors, :statuses, :payloads)
+    AS v(user_id, scheduled_for, status, payload)
+), ins AS (
+  INSERT INTO note_digests (user_id, scheduled_for, status, payload_json, created_at, updated_at)
+  SELECT v.user_id, v.scheduled_for, CAST(v.status AS note_digest_status), CAST(v.payload AS jsonb),
+         :stamp, :stamp
+  FROM v
+  RETURNING id, user_id
+), it AS (
+  SELECT * FROM unnest(:item_user_ids, :item_document_ids, :item_positions)
+    AS it(user_id, document_id, position)
+)
+INSERT INTO note_digest_items (note_digest_id, document_id, position, content_hash_at_send, created_at)
+SELECT ins.id, it.document_id,
+       row_number() OVER (PARTITION BY ins.id ORDER BY it.position), doc.content_hash, :stamp
+FROM it
+JOIN ins ON ins.user_id = it.user_id
+JOIN documents AS doc ON doc.id = it.document_id
+"""
+).bindparams(
+    sa.bindparam("user_ids", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("scheduled_fors", type_=postgresql.ARRAY(sa.DateTime(timezone=True))),
+    sa.bindparam("statuses", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("payloads", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("stamp", type_=sa.DateTime(timezone=True)),
+    sa.bindparam("item_user_ids", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("item_document_ids", type_=postgresql.ARRAY(sa.Integer())),
+    sa.bindparam("item_positions", type_=postgresql.ARRAY(sa.Integer())),
+)
+
+
+@dataclass(frozen=True)
+class NewDigest:
+    """A digest to insert (at most one per user per call) and its documents in position order."""
+
+    user_id: str
+    scheduled_for: datetime
+    status: str
+    payload: dict[str, Any]
+    document_ids: tuple[int, ...] = ()
+
+
+def insert_digests_with_items(conn: sa.Connection, digests: Sequence[NewDigest], stamp: datetime) -> None:
+    """Insert the digests and their items (positions 1..n, ``content_hash_at_send`` = the document's
+    current hash; a document deleted meanwhile is left out), ``created_at``/``updated_at`` = ``stamp``.
+    Postgres: ONE statement (a data-modifying CTE inserts the digests, the outer insert their items
+    joined to ``documents`` for the hashes). SQLite: the digests, the hashes, the items."""
+    if not digests:
+        return
+    if len({dg.user_id for dg in digests}) != len(digests):
+        raise ValueError("insert_digests_with_items takes at most one digest per user")
+    items = [(dg.user_id, doc, pos) for dg in digests for pos, doc in enumerate(dg.document_ids, start=1)]
+    if is_postgres(conn):
+        conn.execute(
+            _INSERT_DIGESTS_WITH_ITEMS,
+            {
+                "user_ids": [dg.user_id for dg in digests],
+                "scheduled_fors": [dg.scheduled_for for dg in digests],
+                "statuses": [dg.status for dg in digests],
+                "payloads": [json.dumps(dg.payload) for dg in digests],
+                "stamp": stamp,
+                "item_user_ids": [i[0] for i in items],
+                "item_document_ids": [i[1] for i in items],
+                "item_positions": [i[2] for i in items],
+            },
+        )
+        return
+    rows = [
+        {
+            "user_id": dg.user_id,
+            "scheduled_for": dg.scheduled_for,
+            "status": dg.status,
+            "payload_json": dg.payload,
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
+        for dg in digests
+    ]
+    inserted = insert_many(
+        conn, t.note_digests, rows, returning=(t.note_digests.c.id, t.note_digests.c.user_id)
+    )
+    ids = {r.user_id: int(r.id) for r in inserted}
+    hashes = load_content_hashes(conn, [doc for _uid, doc, _pos in items])
+    item_rows: list[dict[str, Any]] = []
+    positions: dict[str, int] = {}
+    for uid, doc, _pos in items:
+        if doc not in hashes:
+            continue
+        positions[uid] = positions.get(uid, 0) + 1
+        item_rows.append(
+            {
+                "note_digest_id": ids[uid],
+                "document_id": doc,
+                "position": positions[uid],
+                "content_hash_at_send": hashes[doc],
+                "created_at": stamp,
+            }
+        )
+    insert_many(conn, t.note_digest_items, item_rows)
 
 
 @dataclass(frozen=True)
@@ -534,10 +695,10 @@ def load_content_hashes(conn: sa.Connection, document_ids: Iterable[int]) -> dic
 
 
 def find_first_digest_users(conn: sa.Connection, now: datetime, limit: int) -> list[str]:
-    """Users with a verified, non-blank email, a ``scheduled`` digest with ``scheduled_for`` ≤ ``now`` and
-    no ``sent`` digest ever: at most ``limit``, newest pending digest (by ``updated_at``) first, so a
-    fresh seed digest is never starved by older ones whose runs already happened. One statement.
-    ``failed`` digests are left to the hourly job, which retries them at the user's send hour."""
+    """Users with a verified, non-blank email, a pending digest (``scheduled`` or ``failed``) with
+    ``scheduled_for`` ≤ ``now`` and no ``sent`` digest ever: at most ``limit``, newest pending digest (by
+    ``updated_at``) first, so a fresh seed digest is never starved by older ones whose runs already
+    happened. One statement."""
     d, u = t.note_digests, t.user
     s = t.note_digests.alias("s")
     sent = sa.select(sa.literal(1)).where(s.c.user_id == d.c.user_id, s.c.status == "sent").exists()
@@ -546,7 +707,7 @@ def find_first_digest_users(conn: sa.Connection, now: datetime, limit: int) -> l
         sa.select(d.c.user_id, latest.label("latest"))
         .select_from(d.join(u, u.c.id == d.c.user_id))
         .where(
-            d.c.status == "scheduled",
+            d.c.status.in_(PENDING_STATUSES),
             d.c.scheduled_for <= now,
             u.c.email_verified.is_(True),
             sa.func.length(sa.func.trim(u.c.email)) > 0,

@@ -173,6 +173,47 @@ class _Scored:
     reason: Reason
 
 
+def _id_hash(document_id: int, prefix_state: int) -> int:
+    """``fnv1a_32(str(document_id), prefix_state)``: an int's decimal digits are ASCII, so their bytes
+    are their UTF-16 code units."""
+    h = prefix_state
+    for code in str(document_id).encode("ascii"):
+        h = ((h ^ code) * FNV_PRIME) & 0xFFFFFFFF
+    return h
+
+
+def _order(eligible: list[_Scored], seed: str | None) -> list[_Scored]:
+    """Step 5: score desc, ``next_due_at`` asc (None last), weight desc, seeded rank (with a seed),
+    document id asc.
+
+    Ordering ties by the seeded rank is ordering them by ``(fnv1a_32("<seed>:<id>"), id)`` (that is how
+    the rank is defined), so the hash is computed only for candidates that tie on the first three keys.
+    Same order as sorting everything by :func:`seeded_rank`."""
+    far_future = datetime.max.replace(tzinfo=UTC)
+    keyed = []
+    for s in eligible:
+        due = s.candidate.next_due_at
+        keyed.append(((-s.score, due is None, due if due is not None else far_future, -s.weight), s))
+    keyed.sort(key=lambda pair: (pair[0], pair[1].candidate.document_id))
+    if seed is None:
+        return [s for _key, s in keyed]
+    prefix = fnv1a_32(f"{seed}:")
+    out: list[_Scored] = []
+    i, n = 0, len(keyed)
+    while i < n:
+        j = i + 1
+        while j < n and keyed[j][0] == keyed[i][0]:
+            j += 1
+        if j - i == 1:
+            out.append(keyed[i][1])
+        else:
+            tied = [s for _key, s in keyed[i:j]]
+            tied.sort(key=lambda s: (_id_hash(s.candidate.document_id, prefix), s.candidate.document_id))
+            out.extend(tied)
+        i = j
+    return out
+
+
 def select_notes(
     candidates: list[Candidate] | tuple[Candidate, ...],
     batch_size: int,
@@ -222,21 +263,7 @@ def select_notes(
     if batch_size <= 0 or not eligible:
         return Selection(items=[], skipped=skipped)
 
-    ranks = seeded_rank(seed, [s.candidate.document_id for s in eligible]) if seed is not None else {}
-    far_future = datetime.max.replace(tzinfo=UTC)
-
-    def order_key(s: _Scored) -> tuple[float, bool, datetime, float, int, int]:
-        due = s.candidate.next_due_at
-        return (
-            -s.score,
-            due is None,
-            due if due is not None else far_future,
-            -s.weight,
-            ranks.get(s.candidate.document_id, 0),
-            s.candidate.document_id,
-        )
-
-    ordered = sorted(eligible, key=order_key)
+    ordered = _order(eligible, seed)
 
     if any(s.candidate.last_sent_at is None for s in ordered):
         boosted = [s for s in ordered if s.candidate.last_sent_at is not None and s.weight > 1]

@@ -110,23 +110,60 @@ def digest_tags(interval_days: int) -> dict[str, str]:
     return {"category": "note_digest", "interval_days": str(interval_days)}
 
 
+LATER_SEND_HOUR = "later_send_hour_passed"
+
+
 @dataclass(frozen=True)
 class DueCheck:
     due: bool
-    reason: str  # "due", "first_digest", or a timing.DueReason
+    reason: str  # "due", "first_digest", "later_send_hour_passed", or a timing.DueReason
     first: bool  # never sent a digest
 
 
+def later_send_hour_passed(plan: UserPlan, now: datetime, wall: datetime) -> bool:
+    """Whether, by ``wall`` (the location's clock), the user's local send hour has begun on a local day
+    later than that of ``now`` (the logical time): their send hour has come again since, so a run for
+    ``now`` is a stale catch-up for them. Local days without that hour (a DST gap) do not count.
+    ``wall`` at or before ``now`` → False. Naive datetimes → ``ValueError``."""
+    tz, send_hour = plan.tz.tz, plan.send_hour
+    day, wall_day = local_date(now, tz), local_date(wall, tz)
+    candidate_day = wall_day
+    while candidate_day > day:
+        # fold=0: the first of a repeated hour; an hour in a DST gap does not round-trip
+        wall_clock = datetime(
+            candidate_day.year, candidate_day.month, candidate_day.day, send_hour, tzinfo=tz
+        )
+        start = wall_clock.astimezone(wall.tzinfo)
+        local = start.astimezone(tz)
+        if local.date() == candidate_day and local.hour == send_hour and start <= wall:
+            return True
+        candidate_day -= timedelta(days=1)
+    return False
+
+
 def due_check(
-    plan: UserPlan, last_sent_at: datetime | None, now: datetime, *, first_digest_bypass: bool = False
+    plan: UserPlan,
+    last_sent_at: datetime | None,
+    now: datetime,
+    *,
+    first_digest_bypass: bool = False,
+    wall: datetime | None = None,
 ) -> DueCheck:
     """SPEC §4 *Due* for ``plan``'s timezone, send hour and effective interval. With
     ``first_digest_bypass`` a user who has never been sent a digest is due at any hour (reason
-    ``first_digest``); a user who has been sent one is checked normally."""
+    ``first_digest``); a user who has been sent one is checked normally.
+
+    Catch-up (docs/behaviour.md §5–6): given ``wall``, the location's clock, a user due at ``now`` whose
+    send hour has begun again on a later local day by ``wall`` is not due (reason
+    ``later_send_hour_passed``): a backfill of missed hours serves each user at their newest missed send
+    hour only, never at an older one. A last send on a later local day than ``now`` already makes the
+    user not due (``interval_not_elapsed``), so an older day is never sent after a newer one."""
     first = last_sent_at is None
     if first_digest_bypass and first:
         return DueCheck(True, "first_digest", True)
     decision = due_decision(now, plan.tz.tz, plan.send_hour, last_sent_at, plan.interval_days)
+    if decision.due and wall is not None and later_send_hour_passed(plan, now, wall):
+        return DueCheck(False, LATER_SEND_HOUR, first)
     return DueCheck(decision.due, decision.reason, first)
 
 
@@ -375,7 +412,9 @@ def send_due_digests(
                     break
                 after = users[-1].id
                 report.batches += 1
-                claim = _claim_batch(conn, users, now, settings, first_digest_bypass, report)
+                claim = _claim_batch(
+                    conn, users, now, settings, first_digest_bypass, report, wall=real_clock()
+                )
                 deliveries = list(
                     pool.map(lambda job: _deliver(job, sender, settings, real_clock), claim.jobs)
                 )
@@ -399,6 +438,7 @@ def _claim_batch(
     settings: Settings,
     first_digest_bypass: bool,
     report: SendReport,
+    wall: datetime | None = None,
 ) -> _Claim:
     """Decide who is due, lock and choose their digests, load what the emails show."""
     report.users_considered += len(users)
@@ -408,7 +448,7 @@ def _claim_batch(
     checks: dict[str, DueCheck] = {}
     for uid, plan in plans.items():
         report.data_issues.update(plan.issues)
-        check = due_check(plan, last_sends.get(uid), now, first_digest_bypass=first_digest_bypass)
+        check = due_check(plan, last_sends.get(uid), now, first_digest_bypass=first_digest_bypass, wall=wall)
         if check.reason == "invalid_send_hour":
             report.data_issues["invalid_send_hour"] += 1
         if check.due:

@@ -31,7 +31,7 @@ from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
 
 HOUR = datetime(2026, 2, 8, 8, 0, tzinfo=UTC)
-WALL = datetime(2026, 2, 10, 17, 23, 5, tzinfo=UTC)  # the real clock, days after the backfilled hour
+WALL = datetime(2026, 2, 8, 9, 23, 5, tzinfo=UTC)  # the real clock, after the backfilled hour
 
 
 @pytest.fixture
@@ -119,14 +119,15 @@ def test_a_backfilled_partition_behaves_like_its_hour(
         resources=build_resources(env(app_url, fake_resend)),
     )
     assert result.success
-    gen_meta = result.output_for_node(GENERATE_OP)
-    assert gen_meta == 2  # both users got the day's digest
+    assert result.output_for_node(GENERATE_OP) == 2  # rows created: at8 is due, at9 never sent
     materials = {
         e.step_key: e.step_output_data.metadata
         for e in result.all_events
         if e.event_type_value == "STEP_OUTPUT" and e.step_output_data is not None
     }
     assert materials[GENERATE_OP]["users_considered"].value == 2
+    assert materials[GENERATE_OP]["created_for"].value == {"due": 1, "never_sent": 1}
+    assert materials[SEND_OP]["outside_catch_up_window"].value is False
     assert materials[SEND_OP]["due"].value == 1
     assert materials[SEND_OP]["sent"].value == 1
     assert materials[SEND_OP]["not_due_by_reason"].value == {"not_send_hour": 1}
@@ -165,7 +166,9 @@ def test_send_fails_the_op_only_when_every_send_failed() -> None:
     _check_send(SendReport(logical_time=HOUR))
 
 
-def test_missing_resend_key_fails_before_any_send(instance: dg.DagsterInstance, app_url: str) -> None:
+def test_missing_resend_key_fails_the_first_op_before_any_row(
+    instance: dg.DagsterInstance, app_url: str
+) -> None:
     seed(app_url, lambda c: user_with_notes(c, "u1"))
     result = digest_hourly_job.execute_in_process(
         partition_key="2026-02-08-08:00",
@@ -175,9 +178,28 @@ def test_missing_resend_key_fails_before_any_send(instance: dg.DagsterInstance, 
     )
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert failure.step_key == GENERATE_OP
     assert "RESEND_API_KEY" in str(failure.step_failure_data.error)
-    (row,) = query(app_url, sa.select(t.note_digests.c.status))
-    assert row.status == "scheduled"
+    assert query(app_url, sa.select(t.note_digests.c.id)) == []
+    assert query(app_url, sa.select(t.note_digest_items.c.id)) == []
+
+
+def test_first_digest_sensor_skips_naming_the_missing_key(instance: dg.DagsterInstance, app_url: str) -> None:
+    def world(conn: sa.Connection) -> None:
+        docs = user_with_notes(conn, "fresh")
+        f.digest(conn, "fresh", scheduled_for=WALL - timedelta(minutes=1), document_ids=docs)
+
+    seed(app_url, world)
+    with dg.build_sensor_context(instance=instance, resources=build_resources(env(app_url))) as context:
+        result = first_digest_sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    assert not result.run_requests
+    assert "RESEND_API_KEY" in str(result.skip_reason)
+    dry = env(app_url, DIGEST_EMAIL_DRY_RUN="true")
+    with dg.build_sensor_context(instance=instance, resources=build_resources(dry)) as context:
+        result = first_digest_sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    assert [r.run_key for r in result.run_requests or []] == ["digest-send-fresh-seed_digest_ready"]
 
 
 def test_dry_run_setting_uses_the_dry_run_sender(instance: dg.DagsterInstance, app_url: str) -> None:
@@ -193,7 +215,8 @@ def test_dry_run_setting_uses_the_dry_run_sender(instance: dg.DagsterInstance, a
 
 
 def _tick(instance: dg.DagsterInstance, url: str) -> dg.SensorResult:
-    with dg.build_sensor_context(instance=instance, resources=build_resources(env(url))) as context:
+    resources = build_resources(env(url, RESEND_API_KEY="re_test"))
+    with dg.build_sensor_context(instance=instance, resources=resources) as context:
         result = first_digest_sensor(context)
     assert isinstance(result, dg.SensorResult)
     return result
@@ -212,8 +235,9 @@ def test_first_digest_sensor_launches_one_run_per_new_user(
         f.digest(conn, "unverified", document_ids=docs)
         docs = user_with_notes(conn, "later")  # pending only in the future
         f.digest(conn, "later", scheduled_for=WALL + timedelta(hours=2), document_ids=docs)
-        docs = user_with_notes(conn, "failed")  # the hourly job retries failed digests
-        f.digest(conn, "failed", status="failed", document_ids=docs)
+        docs = user_with_notes(conn, "sentfailed")  # a failed digest of a user sent one before
+        f.digest(conn, "sentfailed", status="sent", sent_at=WALL - timedelta(days=2))
+        f.digest(conn, "sentfailed", status="failed", document_ids=docs)
 
     seed(app_url, world)
     result = _tick(instance, app_url)
@@ -249,3 +273,17 @@ def test_first_digest_sensor_is_bounded(instance: dg.DagsterInstance, app_url: s
     # newest pending digests first: the oldest five wait for the next tick
     assert requests[0].run_key == "digest-send-u0000-seed_digest_ready"
     assert "digest-send-u0204-seed_digest_ready" not in {r.run_key for r in requests}
+
+
+def test_first_digest_sensor_finds_a_failed_first_digest(instance: dg.DagsterInstance, app_url: str) -> None:
+    """A pending digest is ``scheduled`` or ``failed``: a never-sent user whose only digest failed is found."""
+
+    def world(conn: sa.Connection) -> None:
+        docs = user_with_notes(conn, "retry")
+        f.digest(conn, "retry", status="failed", scheduled_for=WALL - timedelta(hours=1), document_ids=docs)
+        user_with_notes(conn, "skipped-only")
+        f.digest(conn, "skipped-only", status="skipped", scheduled_for=WALL - timedelta(hours=1))
+
+    seed(app_url, world)
+    requests = _tick(instance, app_url).run_requests or []
+    assert [r.run_key for r in requests] == ["digest-send-retry-seed_digest_ready"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -10,6 +11,8 @@ import pytest
 from dbb_orchestration.digests.selection import (
     Candidate,
     Selected,
+    _order,
+    _Scored,
     base_score,
     clamp_weight,
     daily_seed,
@@ -351,3 +354,34 @@ def test_nan_is_not_a_valid_score_anywhere() -> None:
 def test_fnv1a_continues_from_a_prefix_state() -> None:
     for a, b in [("user_1:2026-02-08T00:00:00.000Z:", "42"), ("", "x"), ("é😀", "1")]:
         assert fnv1a_32(b, fnv1a_32(a)) == fnv1a_32(a + b)
+
+
+def test_ties_are_ordered_exactly_as_by_the_seeded_rank() -> None:
+    """Step 5 hashes only the candidates that tie on score, due date and weight; the order must be the
+    one a full sort by ``seeded_rank`` gives, for any mix of ties (random sets with few distinct
+    values, so most candidates tie)."""
+    rng = random.Random(7)
+    far = datetime.max.replace(tzinfo=UTC)
+    for trial in range(400):
+        n = rng.randint(0, 40)
+        ids = rng.sample(range(1, 100_000), n)
+        eligible = [
+            _Scored(
+                Candidate(doc_id, next_due_at=rng.choice([None, NOW, NOW + DAY, NOW - 2 * DAY])),
+                weight=rng.choice([1.0, 0.5, 2.0]),
+                score=rng.choice([50.0, 25.0, 100.0]),
+                reason="new",
+            )
+            for doc_id in ids
+        ]
+        seed = f"user-{trial}:2026-02-08T00:00:00.000Z"
+        ranks = seeded_rank(seed, ids)
+
+        def full_key(s: _Scored, ranks: dict[int, int] = ranks) -> tuple[object, ...]:
+            due = s.candidate.next_due_at
+            doc = s.candidate.document_id
+            return (-s.score, due is None, due or far, -s.weight, ranks[doc], doc)
+
+        assert _order(eligible, seed) == sorted(eligible, key=full_key)
+        unseeded = sorted(eligible, key=lambda s: full_key(s)[:4] + (s.candidate.document_id,))
+        assert _order(eligible, None) == unseeded
