@@ -5,8 +5,8 @@ user's first sent digest to onboarding rows only (a correlated ``min(sent_at)`` 
 digests of users outside onboarding are never touched), keeps the states whose current step is due
 (the cut-offs ``now - offset`` of :mod:`steps` are bound as parameters, so the rule is the same
 ``anchor + offset <= now`` as :func:`steps.is_due`; a step beyond the last is due at once), drops users
-without a verified email (the step job would skip them; counting them instead keeps them from being
-launched every minute forever), and returns at most ``limit`` due steps, oldest anchor first, together
+without a verified email (an address of blanks only counts as none, as in the step; the step job
+would skip them, and counting them instead keeps them from being launched every minute forever), and returns at most ``limit`` due steps, oldest anchor first, together
 with three counts: due (verified), unverified, and onboarding rows blocked for want of a first digest.
 
 **Retries.** Dagster never forgets a run key, and a run that failed blocks its key for good. So the
@@ -71,6 +71,7 @@ BACKOFF_SECONDS: Final[tuple[int, ...]] = (600, 1800, 7200, 21600)
 PRUNE_CHUNK: Final = 10_000
 JIT_OFF: Final = "SET LOCAL jit = off"
 CURSOR_VERSION: Final = 1
+_BLANKS: Final = (" ", "\t", "\n", "\r")
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,12 @@ def _due_query(now: datetime, limit: int) -> sa.Select[Any]:
     )
     is_due = sa.or_(active.c.current_step > last, active.c.anchor <= cutoff)
     # looked up by primary key for due rows only (a join would hash the whole user table)
+    # the step strips the address before sending; an address of blanks only is not sendable
+    stripped = u.c.email
+    for blank in _BLANKS:
+        stripped = sa.func.replace(stripped, blank, "")
     sendable = (
-        sa.select(sa.case((sa.and_(u.c.email_verified.is_(sa.true()), u.c.email != ""), 1), else_=0))
+        sa.select(sa.case((sa.and_(u.c.email_verified.is_(sa.true()), stripped != ""), 1), else_=0))
         .where(u.c.id == active.c.user_id)
         .scalar_subquery()
     )

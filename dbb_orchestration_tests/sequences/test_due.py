@@ -65,6 +65,21 @@ def test_the_query_applies_the_step_table_at_the_boundaries(engine: sa.Engine) -
     assert (scan.due, scan.unverified, scan.blocked) == (13, 0, 0)
 
 
+def test_an_address_of_blanks_is_not_sendable(engine: sa.Engine) -> None:
+    """Same rule as the step (which strips the address): blanks only → counted as unverified, never
+    launched."""
+    with engine.begin() as conn:
+        f.user(conn, "ok")
+        f.user(conn, "spaces", email="   ")
+        f.user(conn, "blanks", email=" \t\r\n ")
+        for uid in ("ok", "spaces", "blanks"):
+            f.sequence_state(conn, uid, "upgrade", entered_at=NOW)
+    with engine.connect() as conn:
+        scan = find_due_steps(conn, now=NOW, limit=10)
+    assert [s.user_id for s in scan.steps] == ["ok"]
+    assert (scan.due, scan.unverified) == (1, 2)
+
+
 def test_counts_exclusions_and_order(engine: sa.Engine) -> None:
     old = NOW - timedelta(days=60)
     with engine.begin() as conn:
