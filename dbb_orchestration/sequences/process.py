@@ -461,7 +461,7 @@ def build_outgoing_email(
     """Render the step's email for ``facts`` (``ref.step`` must be a real step) with key and tags."""
     step = get_step(ref.sequence_name, ref.step)
     assert step is not None
-    rendered = render_sequence_email(step.email_id, email_values(facts, mode), frontend_url)
+    rendered = render_sequence_email(step.template, email_values(facts, mode), frontend_url)
     return OutgoingEmail(
         to=(facts.email or "").strip(),
         subject=rendered.subject,

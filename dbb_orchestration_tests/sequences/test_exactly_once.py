@@ -201,7 +201,7 @@ def test_a_user_who_connects_between_two_ticks_exits_welcome(db_url: str, fake_r
     )
 
     assert (result.outcome, result.exit_reason) == (StepOutcome.EXITED, "connected")
-    assert [d.tags["step"] for d in fake_resend.sent] == ["welcome_1"]
+    assert [d.tags["step"] for d in fake_resend.sent] == ["welcome-1"]
     state = _state(engine, state_id)
     assert (state.status, state.exit_reason, state.current_step) == ("exited", "connected", 2)
     assert _tick(engine, second.cursor, NOW + timedelta(days=30)).plan.launches == []

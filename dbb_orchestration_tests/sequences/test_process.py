@@ -75,12 +75,12 @@ def test_sends_records_and_advances(engine: sa.Engine) -> None:
     assert email.to == "u1@example.test"
     assert email.subject == "Welcome to Daily Brain Bits, Ada"
     assert email.idempotency_key == "sequence-welcome-u1-1"
-    assert email.tags == {"email_type": "sequence", "sequence": "welcome", "step": "welcome_1"}
+    assert email.tags == {"email_type": "sequence", "sequence": "welcome", "step": "welcome-1"}
     assert f"{FRONTEND}/onboarding/choose-source" in email.html
     [row] = sends(engine)
     assert row["user_id"] == "u1"
     assert row["sequence_name"] == "welcome"
-    assert row["email_name"] == "welcome_1"
+    assert row["email_name"] == "welcome-1"
     assert row["idempotency_key"] == "sequence-welcome-u1-1"
     assert (row["provider"], row["resend_id"]) == ("memory", "mem-1")
     assert row["payload_json"] == {"provider": "memory", "step": 1}
@@ -101,7 +101,7 @@ def test_last_step_completes_the_sequence(engine: sa.Engine) -> None:
         NOW,
         NOW,
     )
-    assert [s["email_name"] for s in sends(engine)] == ["upgrade_5"]
+    assert [s["email_name"] for s in sends(engine)] == ["upgrade-5"]
 
 
 def test_a_state_beyond_the_last_step_is_completed_without_email(engine: sa.Engine) -> None:
@@ -199,7 +199,7 @@ def test_not_yet_due_and_blocked(engine: sa.Engine) -> None:
         f.digest(conn, "u2", status="sent", sent_at=NOW - timedelta(hours=2) + timedelta(seconds=1))
     assert run(engine, onboarding).outcome is StepOutcome.NOT_DUE
     assert run(engine, onboarding, now=NOW + timedelta(seconds=1)).outcome is StepOutcome.SENT
-    assert [s["email_name"] for s in sends(engine)] == ["onboarding_1"]
+    assert [s["email_name"] for s in sends(engine)] == ["onboarding-3"]
 
 
 def test_provider_failure_changes_nothing_and_a_retry_succeeds(engine: sa.Engine) -> None:
@@ -225,7 +225,7 @@ def test_an_existing_email_sends_row_is_not_duplicated(engine: sa.Engine) -> Non
             sa.insert(t.email_sends).values(
                 user_id="u1",
                 sequence_name="welcome",
-                email_name="welcome_3",
+                email_name="welcome-3",
                 idempotency_key="sequence-welcome-u1-3",
                 resend_id="earlier",
             )
@@ -335,7 +335,7 @@ def test_through_the_real_sdk_and_fake_resend(engine: sa.Engine, fake_resend: Fa
     [delivery] = fake_resend.sent
     assert delivery.to == ["u1@example.test"]
     assert delivery.idempotency_key == "sequence-onboarding-u1-4"
-    assert delivery.tags == {"email_type": "sequence", "sequence": "onboarding", "step": "onboarding_4"}
+    assert delivery.tags == {"email_type": "sequence", "sequence": "onboarding", "step": "onboarding-6"}
     assert delivery.subject == "Two weeks in: how is it going?"
     assert f"{FRONTEND}/feedback" in (delivery.text or "")
     assert [s["resend_id"] for s in sends(engine)] == [delivery.id]
