@@ -10,13 +10,13 @@ from dbb_orchestration.sequences.steps import (
     STEPS,
     email_id,
     email_tags,
-    template_id,
     get_step,
     idempotency_key,
     is_due,
     last_step,
     require_sequence,
     step_due_at,
+    template_id,
 )
 
 ENTERED = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
