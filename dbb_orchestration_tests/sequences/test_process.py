@@ -316,6 +316,22 @@ def test_free_plan_clamps_the_values_shown(engine: sa.Engine) -> None:
     assert "right now you get 5 notes every 3 days" in email.text
 
 
+def test_upgrade_1_counts_the_notes_of_this_users_sent_digests(engine: sa.Engine) -> None:
+    """Notes received = the items of the user's sent digests (12 = 4 × 3): failed digests and other
+    users' digests do not count. (A sent digest without items, as the demo's seeded history has,
+    counts as a digest and no notes.)"""
+    ref = setup_state(engine, "upgrade")
+    _history(engine, "u1", digests=4, items=3)
+    with engine.begin() as conn:
+        f.user(conn, "u2")
+    _history(engine, "u2", digests=2, items=7)
+    sender = RecordingSender()
+    assert run(engine, ref, sender).outcome is StepOutcome.SENT
+    [email] = sender.sent
+    assert email.subject == "Your Brain Bits so far: 4 digests, 12 notes"
+    assert "12 notes resurfaced" in email.text
+
+
 def test_a_bounded_number_of_statements_whatever_the_history(engine: sa.Engine) -> None:
     ref = setup_state(engine, "upgrade", step=2)
     _history(engine, "u1", digests=12, items=6)
