@@ -200,7 +200,12 @@ def test_a_run_sends_each_step_as_its_own_dynamic_step(
     run = launch(instance, request, env)
 
     assert run.success
-    assert run.dagster_run.tags["dbb/job"] == "sequence_step"
+    tags = run.dagster_run.tags
+    assert (tags["dbb/job"], tags["dagster/max_retries"], tags["dagster/priority"]) == (
+        "sequence_step",
+        "0",
+        "-1",
+    )
     assert run.output_for_node("email_sequence_step") == {
         "sequence_welcome_a_1": "sent",
         "sequence_upgrade_b_1": "sent",
