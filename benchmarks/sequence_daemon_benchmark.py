@@ -30,6 +30,7 @@ only sees processes their parents waited for). The Postgres server's CPU is not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -109,6 +110,23 @@ class TreeCpu:
                 _, start, ticks = stats[pid]
                 self.seen[(pid, start)] = max(ticks, self.seen.get((pid, start), 0))
             stack.extend(children.get(pid, []))
+
+    def alive(self) -> list[int]:
+        """The processes of the tree seen so far that still run (same pid and start time)."""
+        return [pid for pid, start in self.seen if (stat := _stat(pid)) is not None and stat[1] == start]
+
+    def stop_leftovers(self, grace: float = 10.0) -> int:
+        """SIGTERM, then SIGKILL, to the tree's processes that outlived the daemon (a code server
+        started in its own session, say). Returns how many there were."""
+        left = self.alive()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + grace
+            while self.alive() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        return len(left)
 
     @property
     def seconds(self) -> float:
@@ -314,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         cpu.sample()
         tree_cpu = cpu.seconds
         stop(daemon)
+        leftovers = cpu.stop_leftovers()
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         rusage = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         _, digests = counts(engine, first_users)
@@ -338,10 +357,12 @@ def main(argv: list[str] | None = None) -> int:
                 sa.select(sa.func.count(sa.distinct(t.email_sends.c.idempotency_key)))
             ).scalar_one()
         print(f"email_sends rows with distinct keys: {runs}")
+        print(f"processes of the daemon tree still running after it stopped (now stopped): {leftovers}")
         return 0 if sent >= args.steps and all(digests.get(uid) for uid in first_users) else 1
     finally:
         if daemon is not None:
             stop(daemon)
+            TreeCpu(daemon.pid).stop_leftovers()
         if fake is not None:
             stop(fake, grace=5)
         engine.dispose()
