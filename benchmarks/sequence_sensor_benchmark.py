@@ -9,12 +9,13 @@ DDL: its indexes and no others), fills it with COPY, runs ``VACUUM ANALYZE`` and
 (``build_sensor_context`` → ``email_sequence_sensor``, resources and settings included) in three
 situations, then drops the database (unless ``--keep``):
 
-- ``fresh``: empty cursor, ``--due`` steps due → launches the first 500 (the per-tick cap);
-- ``next``: the cursor of that tick, one minute later → the next 500 due steps (the first 500 wait in
-  back-off; the cursor is pruned first: one more statement);
-- ``retry``: the same cursor 11 minutes later → the first 500 again, relaunched as ``:attempt-2``
-  (plus one Dagster run-storage query for in-flight runs: the ephemeral instance here, not
-  production's Postgres run storage).
+- ``fresh``: empty cursor, ``--due`` steps due → launches the first 500 (the per-tick cap) in runs of
+  50 steps;
+- ``next``: the cursor of that tick, one minute later → the next 500 due steps (the first 500 are
+  marked ended by this tick: their runs are unknown to the ephemeral instance; the cursor is pruned
+  first: one more statement, plus one Dagster run-storage query);
+- ``retry``: the cursor of a tick that saw those runs end, 11 minutes after the launch (10 after the
+  end) → the first 500 again, as attempt 2 (the run-storage query is not needed: every end is known).
 
 Then ``find_due_steps`` alone (the SQL without Dagster), and with ``--explain`` its plan.
 
