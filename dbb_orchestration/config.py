@@ -110,6 +110,7 @@ class Settings:
     notion_requests_per_second: float = 3.0
     notion_page_concurrency: int = 4
     notion_connection_pause_seconds: float = 2.0
+    sequence_steps_per_run: int = 50
     # Demo and tests only: pins the wall clock (``DBB_NOW``, ISO-8601 with offset).
     now_override: datetime | None = None
     # Longest Notion ``Retry-After`` honoured on a 429, in seconds.
@@ -161,6 +162,7 @@ class Settings:
             notion_requests_per_second=_number(env, "NOTION_REQUESTS_PER_SECOND", 3.0, minimum=0),
             notion_page_concurrency=int(_number(env, "NOTION_PAGE_CONCURRENCY", 4, minimum=1, integer=True)),
             notion_connection_pause_seconds=_number(env, "NOTION_CONNECTION_PAUSE_SECONDS", 2.0, minimum=0),
+            sequence_steps_per_run=int(_number(env, "SEQUENCE_STEPS_PER_RUN", 50, minimum=1, integer=True)),
             now_override=_instant(env, "DBB_NOW"),
             notion_max_retry_wait_seconds=_number(env, "NOTION_MAX_RETRY_WAIT_SECONDS", 300.0, minimum=0),
             automation_enabled=automation_enabled(env),

@@ -32,7 +32,9 @@ __all__ = [
     "template_context",
 ]
 
-EMAIL_IDS: Final[tuple[str, ...]] = tuple(step.email_id for steps in STEPS.values() for step in steps)
+# Template ids (``welcome_1`` … ``upgrade_5``, step numbers); the backend's email names are
+# ``steps.email_id``.
+EMAIL_IDS: Final[tuple[str, ...]] = tuple(step.template for steps in STEPS.values() for step in steps)
 
 LINK_PATHS: Final[Mapping[str, str]] = {
     "choose_source_url": "/onboarding/choose-source",

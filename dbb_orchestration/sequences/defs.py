@@ -1,11 +1,12 @@
 """Dagster wiring for email sequences: thin shells around ``process``, ``due`` and ``discover``.
 
-- ``email_sequence_step_job`` (op ``email_sequence_step``, pool ``email_provider``, in-process
-  executor, tag ``dbb/job=sequence_step``): one step of one user, config ``state_id``,
-  ``sequence_name``, ``user_id``, ``step``.
-- ``email_sequence_sensor`` (every 60 s, stopped by default): launches one run per due step, run key =
-  the step's idempotency key, retries failed steps with back-off (see ``due.py`` and
-  ``docs/sequences.md``).
+- ``email_sequence_step_job`` (in-process executor, tags ``dbb/job=sequence_step``,
+  ``dagster/max_retries=0``, ``dagster/priority=-1``): op ``email_sequence_plan`` fans the run's steps
+  (config ``steps``: ``state_id``, ``sequence_name``, ``user_id``, ``step``) out as dynamic outputs keyed
+  by their idempotency keys; op ``email_sequence_step`` (pool ``sequence_email``) processes one of them.
+  One process start is shared by up to ``SEQUENCE_STEPS_PER_RUN`` steps.
+- ``email_sequence_sensor`` (every 60 s, stopped by default): groups the due steps into runs, retries
+  failed steps with back-off from their failure (see ``due.py`` and ``docs/sequences.md``).
 - ``upgrade_sequence_discover_job`` + ``upgrade_sequence_discover_schedule`` (minute 15, UTC).
 
 Logs and metadata carry ids and counts only, never addresses, names or email bodies.
@@ -13,23 +14,27 @@ Logs and metadata carry ids and counts only, never addresses, names or email bod
 
 # No ``from __future__ import annotations``: Dagster reads the Config/resource annotations at runtime.
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 
 import dagster as dg
 from pydantic import Field
 
 from dbb_orchestration.automation import automation_skip_reason
+from dbb_orchestration.config import SettingsError
 from dbb_orchestration.operations.failure_sensor import scrub
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
 from dbb_orchestration.sequences.discover import discover_upgrade_candidates
-from dbb_orchestration.sequences.due import Launch, describe_tick, evaluate_tick
+from dbb_orchestration.sequences.due import PlannedRun, describe_tick, evaluate_tick, mapping_key
 from dbb_orchestration.sequences.process import StepConfigError, StepRef, StepSendFailed, process_step
 
 __all__ = [
-    "SELF_HOSTED_SKIP",
-    "STEP_OP",
     "DISCOVER_OP",
+    "PLAN_OP",
+    "SELF_HOSTED_SKIP",
+    "SEQUENCE_POOL",
+    "STEP_OP",
+    "SequenceRunConfig",
     "SequenceStepConfig",
     "UpgradeDiscoverConfig",
     "definitions",
@@ -39,8 +44,10 @@ __all__ = [
     "upgrade_sequence_discover_schedule",
 ]
 
+PLAN_OP = "email_sequence_plan"
 STEP_OP = "email_sequence_step"
 DISCOVER_OP = "upgrade_sequence_discover"
+SEQUENCE_POOL = "sequence_email"
 SELF_HOSTED_SKIP = "sequences are disabled in self-hosted mode"
 RUN_KEY_TAG = "dagster/run_key"
 _UNFINISHED = (
@@ -50,33 +57,68 @@ _UNFINISHED = (
     dg.DagsterRunStatus.STARTED,
     dg.DagsterRunStatus.CANCELING,
 )
-_IN_FLIGHT_CHUNK = 500
+_RUN_QUERY_CHUNK = 500
 
 
 class SequenceStepConfig(dg.Config):
-    """Identifies the state row and the step a run processes (the sensor fills it)."""
+    """Identifies the state row and the step to process (the sensor fills it)."""
 
     state_id: int = Field(description="email_sequence_states.id")
     sequence_name: str = Field(description="welcome, onboarding or upgrade")
     user_id: str = Field(description="the state's user id (checked against the row)")
-    step: int = Field(description="the step this run sends; nothing happens if the state has moved on")
+    step: int = Field(description="the step to send; nothing happens if the state has moved on")
+
+
+class SequenceRunConfig(dg.Config):
+    """The steps one run processes, each as its own dynamic step."""
+
+    steps: list[SequenceStepConfig] = Field(description="the due steps this run carries")
+
+
+def _require_sender_settings(email: EmailResource, dry_run: bool) -> None:
+    """A missing ``RESEND_API_KEY`` (dry run off) fails the op at once, naming the variable."""
+    email.sender_for_op(dry_run=dry_run)
+
+
+@dg.op(
+    name=PLAN_OP,
+    out=dg.DynamicOut(StepRef),
+    description="Fans the run's due steps out, one dynamic step per idempotency key.",
+)
+def email_sequence_plan(
+    context: dg.OpExecutionContext,
+    config: SequenceRunConfig,
+    settings: SettingsResource,
+    email: EmailResource,
+) -> Iterator[dg.DynamicOutput[StepRef]]:
+    s = settings.get()
+    if s.billing_enabled:
+        _require_sender_settings(email, s.sequence_email_dry_run)  # before any step is fanned out
+    seen: set[str] = set()
+    for item in config.steps:
+        ref = StepRef(item.state_id, item.sequence_name, item.user_id, item.step)
+        key = mapping_key(ref.key, ref.state_id)
+        if key in seen:  # the same step twice in one config: process it once
+            continue
+        seen.add(key)
+        yield dg.DynamicOutput(ref, mapping_key=key)
+    context.log.info(f"{len(seen)} sequence steps in this run")
 
 
 @dg.op(
     name=STEP_OP,
-    pool="email_provider",
+    pool=SEQUENCE_POOL,
     retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
     description="Checks, exits or sends one sequence step exactly once, records email_sends and advances.",
 )
 def email_sequence_step(
     context: dg.OpExecutionContext,
-    config: SequenceStepConfig,
+    ref: StepRef,
     settings: SettingsResource,
     database: DatabaseResource,
     email: EmailResource,
 ) -> dg.Output[str]:
     s = settings.get()
-    ref = StepRef(config.state_id, config.sequence_name, config.user_id, config.step)
     if not s.billing_enabled:
         context.log.info(f"sequence step state_id={ref.state_id}: {SELF_HOSTED_SKIP}")
         return dg.Output("disabled", metadata={"outcome": "disabled", "state_id": ref.state_id})
@@ -112,19 +154,25 @@ def email_sequence_step(
 
 @dg.job(
     name="email_sequence_step_job",
-    tags={"dbb/job": "sequence_step"},
+    tags={
+        "dbb/job": "sequence_step",
+        # The sensor retries failed steps itself (with back-off); the run-retry daemon must not.
+        "dagster/max_retries": "0",
+        # Queued digest runs (priority 0) are dequeued before sequence runs.
+        "dagster/priority": "-1",
+    },
     executor_def=dg.in_process_executor,
-    description="One step of one user's email sequence (launched by email_sequence_sensor).",
+    description="Due sequence steps, one dynamic step per idempotency key (launched by email_sequence_sensor).",
 )
 def email_sequence_step_job() -> None:
-    email_sequence_step()
+    email_sequence_plan().map(email_sequence_step)
 
 
-def _in_flight(instance: dg.DagsterInstance, run_keys: Sequence[str]) -> Collection[str]:
-    """Those of ``run_keys`` whose run is queued or running (one run-storage query per 500 keys)."""
+def _unfinished(instance: dg.DagsterInstance, run_keys: Sequence[str]) -> Collection[str]:
+    """Those of ``run_keys`` with a run still queued or running (one run-storage query per 500 keys)."""
     found: set[str] = set()
-    for start in range(0, len(run_keys), _IN_FLIGHT_CHUNK):
-        chunk = list(run_keys[start : start + _IN_FLIGHT_CHUNK])
+    for start in range(0, len(run_keys), _RUN_QUERY_CHUNK):
+        chunk = list(run_keys[start : start + _RUN_QUERY_CHUNK])
         runs = instance.get_runs(
             filters=dg.RunsFilter(
                 job_name=email_sequence_step_job.name, tags={RUN_KEY_TAG: chunk}, statuses=list(_UNFINISHED)
@@ -134,19 +182,24 @@ def _in_flight(instance: dg.DagsterInstance, run_keys: Sequence[str]) -> Collect
     return found
 
 
-def _run_request(launch: Launch) -> dg.RunRequest:
-    step = launch.step
-    config = SequenceStepConfig(
-        state_id=step.state_id, sequence_name=step.sequence_name, user_id=step.user_id, step=step.step
-    )
+def _run_request(run: PlannedRun) -> dg.RunRequest:
+    steps = [
+        SequenceStepConfig(
+            state_id=launch.step.state_id,
+            sequence_name=launch.step.sequence_name,
+            user_id=launch.step.user_id,
+            step=launch.step.step,
+        )
+        for launch in run.launches
+    ]
+    sequences = sorted({launch.step.sequence_name for launch in run.launches})
     return dg.RunRequest(
-        run_key=launch.run_key,
-        run_config=dg.RunConfig(ops={STEP_OP: config}),
+        run_key=run.run_key,
+        run_config=dg.RunConfig(ops={PLAN_OP: SequenceRunConfig(steps=steps)}),
         tags={
-            "dbb/sequence": step.sequence_name,
-            "dbb/step": str(step.step),
-            "dbb/state_id": str(step.state_id),
-            "dbb/attempt": str(launch.attempt),
+            "dbb/sequences": ",".join(sequences),
+            "dbb/steps": str(len(steps)),
+            "dbb/retried_steps": str(sum(1 for launch in run.launches if launch.attempt > 1)),
         },
     )
 
@@ -156,8 +209,8 @@ def _run_request(launch: Launch) -> dg.RunRequest:
     job=email_sequence_step_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches email_sequence_step_job once per due sequence step (run key = the step's "
-    "idempotency key); failed steps are retried with back-off under <key>:attempt-<n>.",
+    description="Launches the due sequence steps, several per email_sequence_step_job run, each a "
+    "dynamic step keyed by its idempotency key; failed steps are retried with back-off from the failure.",
 )
 def email_sequence_sensor(
     context: dg.SensorEvaluationContext, settings: SettingsResource, database: DatabaseResource
@@ -167,21 +220,24 @@ def email_sequence_sensor(
     s = settings.get()
     if not s.billing_enabled:
         return dg.SensorResult(skip_reason=SELF_HOSTED_SKIP, cursor=context.cursor)
+    try:
+        s.require_resend(dry_run=s.sequence_email_dry_run)
+    except SettingsError as exc:
+        return dg.SensorResult(skip_reason=f"no sequence step launched: {exc}", cursor=context.cursor)
     tick = evaluate_tick(
         database.engine,
         context.cursor,
         now=s.now(),
         cap=s.sequence_max_requests_per_tick,
         max_attempts=s.sequence_max_attempts,
-        in_flight=lambda keys: _in_flight(context.instance, keys),
+        per_run=s.sequence_steps_per_run,
+        unfinished=lambda keys: _unfinished(context.instance, keys),
     )
     summary = describe_tick(tick.scan, tick.plan)
-    if not tick.plan.launches:
+    if not tick.plan.runs:
         return dg.SensorResult(skip_reason=f"no sequence step to launch: {summary}", cursor=tick.cursor)
     context.log.info(summary)
-    return dg.SensorResult(
-        run_requests=[_run_request(launch) for launch in tick.plan.launches], cursor=tick.cursor
-    )
+    return dg.SensorResult(run_requests=[_run_request(run) for run in tick.plan.runs], cursor=tick.cursor)
 
 
 class UpgradeDiscoverConfig(dg.Config):

@@ -5,37 +5,47 @@ user's first sent digest to onboarding rows only (a correlated ``min(sent_at)`` 
 digests of users outside onboarding are never touched), keeps the states whose current step is due
 (the cut-offs ``now - offset`` of :mod:`steps` are bound as parameters, so the rule is the same
 ``anchor + offset <= now`` as :func:`steps.is_due`; a step beyond the last is due at once), drops users
-without a verified email (the step job would skip them; counting them instead keeps them from being
-launched every minute forever), and returns at most ``limit`` due steps, oldest anchor first, together
+without a verified email (an address of blanks only counts as none, as in the step; the step job
+would skip them, and counting them instead keeps them from being launched every minute forever), and returns at most ``limit`` due steps, oldest anchor first, together
 with three counts: due (verified), unverified, and onboarding rows blocked for want of a first digest.
 
-**Retries.** Dagster never forgets a run key, and a run that failed blocks its key for good. So the
-sensor keeps, in its cursor, ``{idempotency key: [attempts, last launch (epoch s), state id, step]}``
-for the steps it launched (:class:`CursorEntry`). A step that is still due on a later tick:
+**Runs.** The launchable steps of a tick are grouped into runs of at most ``per_run``
+(``SEQUENCE_STEPS_PER_RUN``) steps (:func:`group_runs`). In a run each step is a dynamic step whose
+mapping key is its idempotency key (:func:`mapping_key`), so it is visible, logged and re-executable on
+its own; the run key is derived from the set of step attempts it carries (:func:`batch_run_key`), so
+an evaluation repeated after a crash requests the same run key and Dagster launches nothing twice.
 
-- not in the cursor → launched with ``run_key`` = its idempotency key (attempt 1);
-- in the cursor, fewer than ``max_attempts`` launches, and the back-off after its last launch has
-  passed (10 min, 30 min, 2 h, then every 6 h: :func:`backoff_seconds`), and no run of its last run key
-  is still queued or running (asked of the Dagster instance, one query for all such keys) → launched
-  again with run key ``<key>:attempt-<n>``: a new run, visible in the UI, whose provider call reuses
-  the same idempotency key, so Resend still de-duplicates;
-- otherwise it waits (``waiting`` / ``running``), or, after ``max_attempts`` launches, stays put
-  (``exhausted``) until an operator acts (fix the cause and re-execute the last failed run from the
-  UI, or mark the state ``exited``).
+**Retries.** The sensor keeps, in its cursor, per idempotency key: attempts, last launch, state id,
+step, the run it was last launched in, and when the sensor first saw that run finished
+(:class:`CursorEntry`). On each tick:
 
+- the run keys whose end has not been seen are looked up in Dagster (one query); those no longer
+  queued or running are stamped with the tick's time (:func:`mark_finished`);
+- a due step not in the cursor → launched (attempt 1);
+- in the cursor with its run still queued or running → ``running``;
+- finished less than the back-off ago (10 min, 30 min, 2 h, then every 6 h: :func:`backoff_seconds`),
+  counted from the end of the run that failed it, not from its launch → ``waiting``;
+- otherwise, with fewer than ``max_attempts`` launches → launched again (attempt n) in a new run,
+  with the same provider idempotency key, so Resend still de-duplicates;
+- after ``max_attempts`` launches it stays put (``exhausted``) until an operator acts (fix the cause
+  and re-execute the failed step from its run in the UI, or mark the state ``exited``).
+
+A step whose run succeeded without advancing it (``busy``) is still due and is treated the same way.
 Entries whose state has left that step (advanced, exited, completed, deleted) are pruned with one
 query on the cursor's state ids (:func:`load_positions`). The due query fetches ``cap + len(cursor)``
 rows so that held-back steps can never crowd out launchable ones. Per tick: at most 3 SQL statements
 on the application database (prune, ``SET LOCAL jit = off`` on Postgres, the due query; the prune is
-chunked beyond 10,000 cursor entries) and at most one Dagster run-storage query. Run requests per tick
-are capped (``SEQUENCE_MAX_REQUESTS_PER_TICK``).
+chunked beyond 10,000 cursor entries) and at most one Dagster run-storage query per 500 open runs.
+Steps launched per tick are capped (``SEQUENCE_MAX_REQUESTS_PER_TICK``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -52,25 +62,33 @@ __all__ = [
     "DueScan",
     "DueStep",
     "Launch",
+    "PlannedRun",
     "TickPlan",
     "TickResult",
     "backoff_seconds",
+    "batch_run_key",
     "describe_tick",
     "dump_cursor",
     "evaluate_tick",
     "find_due_steps",
+    "group_runs",
     "load_positions",
+    "mapping_key",
+    "mark_finished",
     "parse_cursor",
     "plan_tick",
     "prune_cursor",
-    "relaunch_candidates",
     "run_key_for",
+    "unfinished_run_keys",
 ]
 
 BACKOFF_SECONDS: Final[tuple[int, ...]] = (600, 1800, 7200, 21600)
 PRUNE_CHUNK: Final = 10_000
 JIT_OFF: Final = "SET LOCAL jit = off"
-CURSOR_VERSION: Final = 1
+CURSOR_VERSION: Final = 2
+_NOT_MAPPING: Final = re.compile(r"[^A-Za-z0-9]")
+_PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9-]*-[0-9]+")
+_BLANKS: Final = (" ", "\t", "\n", "\r")
 
 
 @dataclass(frozen=True)
@@ -82,8 +100,13 @@ class DueStep:
 
     @property
     def key(self) -> str:
-        """The step's provider idempotency key, also its first run key."""
+        """The step's provider idempotency key."""
         return idempotency_key(self.sequence_name, self.user_id, self.step)
+
+    @property
+    def mapping_key(self) -> str:
+        """Its dynamic-step key inside a run (:func:`mapping_key`)."""
+        return mapping_key(self.key, self.state_id)
 
 
 @dataclass(frozen=True)
@@ -133,8 +156,12 @@ def _due_query(now: datetime, limit: int) -> sa.Select[Any]:
     )
     is_due = sa.or_(active.c.current_step > last, active.c.anchor <= cutoff)
     # looked up by primary key for due rows only (a join would hash the whole user table)
+    # the step strips the address before sending; an address of blanks only is not sendable
+    stripped: sa.ColumnElement[Any] = u.c.email
+    for blank in _BLANKS:
+        stripped = sa.func.replace(stripped, blank, "")
     sendable = (
-        sa.select(sa.case((sa.and_(u.c.email_verified.is_(sa.true()), u.c.email != ""), 1), else_=0))
+        sa.select(sa.case((sa.and_(u.c.email_verified.is_(sa.true()), stripped != ""), 1), else_=0))
         .where(u.c.id == active.c.user_id)
         .scalar_subquery()
     )
@@ -228,40 +255,57 @@ class CursorEntry:
     last_launch: int  # epoch seconds of the last launch
     state_id: int
     step: int
+    ended_at: int = 0  # epoch seconds of the first tick that saw the last run finished; 0 = not yet
+    run_key: str = ""  # the run the step was last launched in
 
 
 def parse_cursor(raw: str | None) -> dict[str, CursorEntry]:
-    """The sensor cursor as ``{key: entry}``. ``None``, empty, unparsable JSON, another version or
-    malformed entries are dropped (an empty or partial cursor): the worst outcome is a step requested
-    again under its attempt-1 run key, which Dagster ignores when that run key already exists."""
+    """The sensor cursor as ``{key: entry}``. ``None``, empty, unparsable JSON, an unknown version or
+    malformed entries are dropped (an empty or partial cursor): the worst outcome is a due step
+    launched again, which its claim and provider key make harmless.
+
+    Version 1 cursors (one run per step, ``[attempts, last launch, state id, step]``) are read with the
+    run key that version used (``run_key_for(key, attempts)``) and the launch time as the end time."""
     if not raw:
         return {}
     try:
         data = json.loads(raw)
     except ValueError:
         return {}
-    if (
-        not isinstance(data, dict)
-        or data.get("v") != CURSOR_VERSION
-        or not isinstance(data.get("keys"), dict)
-    ):
+    if not isinstance(data, dict) or not isinstance(data.get("keys"), dict):
+        return {}
+    version = data.get("v")
+    raw_runs = data.get("runs", [])
+    if not (isinstance(raw_runs, list) and all(isinstance(r, str) for r in raw_runs)):
+        return {}
+    runs: list[str] = raw_runs
+    if version not in (1, CURSOR_VERSION):
         return {}
     entries: dict[str, CursorEntry] = {}
     for key, value in data["keys"].items():
-        if (
-            isinstance(key, str)
-            and isinstance(value, list)
-            and len(value) == 4
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        ):
-            entries[key] = CursorEntry(*value)
+        if not isinstance(key, str) or not isinstance(value, list):
+            continue
+        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if version == 1 and len(value) == 4 and ints:
+            attempts, launched, state_id, step = value
+            entries[key] = CursorEntry(
+                attempts, launched, state_id, step, launched, run_key_for(key, attempts)
+            )
+        elif version == CURSOR_VERSION and len(value) == 6 and ints and 0 <= value[5] < len(runs):
+            attempts, launched, state_id, step, ended, run_index = value
+            entries[key] = CursorEntry(attempts, launched, state_id, step, ended, runs[run_index])
     return entries
 
 
 def dump_cursor(entries: Mapping[str, CursorEntry]) -> str:
-    """Compact, key-sorted JSON (stable across ticks)."""
-    keys = {k: [e.attempts, e.last_launch, e.state_id, e.step] for k, e in sorted(entries.items())}
-    return json.dumps({"v": CURSOR_VERSION, "keys": keys}, separators=(",", ":"))
+    """Compact, key-sorted JSON (stable across ticks); run keys are stored once and referenced."""
+    runs = sorted({e.run_key for e in entries.values()})
+    index = {run_key: n for n, run_key in enumerate(runs)}
+    keys = {
+        k: [e.attempts, e.last_launch, e.state_id, e.step, e.ended_at, index[e.run_key]]
+        for k, e in sorted(entries.items())
+    }
+    return json.dumps({"v": CURSOR_VERSION, "runs": runs, "keys": keys}, separators=(",", ":"))
 
 
 def prune_cursor(
@@ -271,17 +315,54 @@ def prune_cursor(
     return {k: e for k, e in entries.items() if positions.get(e.state_id) == ("active", e.step)}
 
 
+def unfinished_run_keys(entries: Mapping[str, CursorEntry]) -> list[str]:
+    """The run keys whose end the sensor has not seen yet (the only ones worth asking Dagster about)."""
+    return sorted({e.run_key for e in entries.values() if e.ended_at == 0})
+
+
+def mark_finished(
+    entries: Mapping[str, CursorEntry], unfinished: Collection[str], *, now_epoch: int
+) -> dict[str, CursorEntry]:
+    """Stamp ``now_epoch`` as the end of every entry whose run is not in ``unfinished`` (queued or
+    running runs, as Dagster reported them) and had no end yet. A run Dagster does not know counts as
+    finished. The back-off of a failed step therefore counts from the tick that saw its run end (at
+    most one sensor interval after the failure), never from its launch."""
+    return {
+        k: (replace(e, ended_at=now_epoch) if e.ended_at == 0 and e.run_key not in unfinished else e)
+        for k, e in entries.items()
+    }
+
+
 def backoff_seconds(attempts: int) -> int:
-    """Wait after the ``attempts``-th launch before the next: 10 min, 30 min, 2 h, then 6 h each time.
-    ``attempts`` ≤ 0 → 0."""
+    """Wait after the ``attempts``-th failure before the next launch: 10 min, 30 min, 2 h, then 6 h
+    each time. ``attempts`` ≤ 0 → 0."""
     if attempts <= 0:
         return 0
     return BACKOFF_SECONDS[min(attempts, len(BACKOFF_SECONDS)) - 1]
 
 
 def run_key_for(key: str, attempt: int) -> str:
-    """Attempt 1 → the idempotency key itself; attempt n ≥ 2 → ``<key>:attempt-<n>``."""
+    """The attempt's own key: attempt 1 → the idempotency key itself; attempt n ≥ 2 →
+    ``<key>:attempt-<n>``. (Version 1 used it as the run key; now it names the attempt in run keys.)"""
     return key if attempt <= 1 else f"{key}:attempt-{attempt}"
+
+
+def mapping_key(key: str, state_id: int) -> str:
+    """The dynamic-step key of a step in a run: its idempotency key with every character outside
+    ``A-Za-z0-9`` as ``_`` (``sequence_welcome_u1_2``). That is one-to-one for keys made of letters,
+    digits and ``-`` that end in ``-<step>``; any other key (another character in the user id, or cut
+    to 256 characters) gets ``_s<state id>`` appended. A plain key's last part is all digits, a
+    suffixed one's starts with ``s``, so the two forms never meet."""
+    plain = _NOT_MAPPING.sub("_", key)
+    return plain if _PLAIN_KEY.fullmatch(key) else f"{plain}_s{state_id}"
+
+
+def batch_run_key(attempt_keys: Iterable[str]) -> str:
+    """The run key of a run carrying the given step attempts (``run_key_for`` values): the same set
+    always gives the same key, so a tick that is evaluated twice launches nothing twice."""
+    keys = sorted(set(attempt_keys))
+    digest = hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
+    return f"sequence-steps-{len(keys)}-{digest}"
 
 
 # ------------------------------------------------------------------------------------------ planning
@@ -293,37 +374,36 @@ class Launch:
     attempt: int
 
     @property
-    def run_key(self) -> str:
+    def attempt_key(self) -> str:
         return run_key_for(self.step.key, self.attempt)
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of the step job: several due steps, each a dynamic step keyed by its idempotency key."""
+
+    run_key: str
+    launches: tuple[Launch, ...]
 
 
 @dataclass(frozen=True)
 class TickPlan:
     launches: list[Launch]
     cursor: dict[str, CursorEntry]
-    waiting: int = 0  # back-off not over yet
-    running: int = 0  # back-off over but the last run is still queued or running
+    runs: list[PlannedRun] = field(default_factory=list)
+    waiting: int = 0  # back-off after the last failure not over yet
+    running: int = 0  # the last run is still queued or running
     exhausted: int = 0  # max attempts reached
     capped: int = 0  # launchable but over the per-tick cap
     retries: int = 0  # launches with attempt ≥ 2
     pruned: int = 0
 
 
-def relaunch_candidates(
-    steps: Iterable[DueStep], entries: Mapping[str, CursorEntry], *, now_epoch: int, max_attempts: int
-) -> list[str]:
-    """Run keys (of the last attempt) of due steps whose back-off is over and attempts remain: the only
-    ones worth asking the Dagster instance about."""
-    keys = []
-    for step in steps:
-        entry = entries.get(step.key)
-        if (
-            entry is not None
-            and entry.attempts < max_attempts
-            and now_epoch - entry.last_launch >= backoff_seconds(entry.attempts)
-        ):
-            keys.append(run_key_for(step.key, entry.attempts))
-    return keys
+def group_runs(launches: Sequence[Launch], per_run: int) -> list[PlannedRun]:
+    """Consecutive groups of at most ``per_run`` (< 1 acts as 1) launches, each with its run key."""
+    per_run = max(1, per_run)
+    groups = [tuple(launches[i : i + per_run]) for i in range(0, len(launches), per_run)]
+    return [PlannedRun(batch_run_key(launch.attempt_key for launch in group), group) for group in groups]
 
 
 def plan_tick(
@@ -333,17 +413,18 @@ def plan_tick(
     now_epoch: int,
     max_attempts: int,
     cap: int,
-    in_flight_run_keys: Collection[str] = (),
+    per_run: int = 1,
     pruned: int = 0,
 ) -> TickPlan:
-    """Decide which due steps to launch (see the module docstring); ``entries`` must already be pruned.
+    """Decide which due steps to launch and group them into runs (see the module docstring);
+    ``entries`` must already be pruned and stamped (:func:`mark_finished`).
 
-    ``max_attempts`` < 1 acts as 1; ``cap`` < 0 as 0. Duplicate steps in ``steps`` are launched once.
-    The returned cursor holds the kept entries plus one updated entry per launch.
+    ``max_attempts`` < 1 acts as 1; ``cap`` < 0 as 0; ``per_run`` < 1 as 1. Duplicate steps in
+    ``steps`` are launched once. The returned cursor holds the kept entries plus one updated entry per
+    launch (its run key, no end yet).
     """
     max_attempts = max(1, max_attempts)
     cap = max(0, cap)
-    cursor = dict(entries)
     launches: list[Launch] = []
     waiting = running = exhausted = capped = 0
     seen: set[str] = set()
@@ -358,11 +439,11 @@ def plan_tick(
         elif entry.attempts >= max_attempts:
             exhausted += 1
             continue
-        elif now_epoch - entry.last_launch < backoff_seconds(entry.attempts):
-            waiting += 1
-            continue
-        elif run_key_for(key, entry.attempts) in in_flight_run_keys:
+        elif entry.ended_at == 0:
             running += 1
+            continue
+        elif now_epoch - entry.ended_at < backoff_seconds(entry.attempts):
+            waiting += 1
             continue
         else:
             attempt = entry.attempts + 1
@@ -370,10 +451,18 @@ def plan_tick(
             capped += 1
             continue
         launches.append(Launch(step, attempt))
-        cursor[key] = CursorEntry(attempt, now_epoch, step.state_id, step.step)
+    runs = group_runs(launches, per_run)
+    cursor = dict(entries)
+    for run in runs:
+        for launch in run.launches:
+            step = launch.step
+            cursor[step.key] = CursorEntry(
+                launch.attempt, now_epoch, step.state_id, step.step, 0, run.run_key
+            )
     return TickPlan(
         launches=launches,
         cursor=cursor,
+        runs=runs,
         waiting=waiting,
         running=running,
         exhausted=exhausted,
@@ -387,7 +476,7 @@ def describe_tick(scan: DueScan, plan: TickPlan) -> str:
     """One line for the SkipReason / tick log: counts only, no ids or addresses."""
     not_fetched = max(0, scan.due - len(scan.steps))
     return (
-        f"{scan.due} due, {len(plan.launches)} launched ({plan.retries} retries), "
+        f"{scan.due} due, {len(plan.launches)} launched in {len(plan.runs)} runs ({plan.retries} retries), "
         f"{plan.capped + not_fetched} capped (max per tick), {plan.waiting} waiting to retry, "
         f"{plan.running} still running, {plan.exhausted} out of attempts, "
         f"{scan.blocked} blocked (onboarding without a first digest), {scan.unverified} unverified email"
@@ -408,12 +497,15 @@ def evaluate_tick(
     now: datetime,
     cap: int,
     max_attempts: int,
-    in_flight: Callable[[Sequence[str]], Collection[str]],
+    unfinished: Callable[[Sequence[str]], Collection[str]],
+    per_run: int = 1,
 ) -> TickResult:
-    """One sensor tick without Dagster: prune the cursor, find due steps, plan launches.
+    """One sensor tick without Dagster: prune the cursor, note which runs ended, find due steps, plan
+    the runs.
 
-    ``in_flight(run_keys)`` returns those of ``run_keys`` whose run is still queued or running; it is
-    called at most once, and only with relaunch candidates. Naive ``now`` → ``ValueError``.
+    ``unfinished(run_keys)`` returns those of ``run_keys`` whose run is still queued or running; it is
+    called at most once, and only with the run keys whose end has not been seen yet. Naive ``now`` →
+    ``ValueError``.
     """
     require_aware(now, "now")
     now_epoch = int(now.timestamp())
@@ -422,15 +514,16 @@ def evaluate_tick(
         positions = load_positions(conn, [e.state_id for e in entries.values()]) if entries else {}
         kept = prune_cursor(entries, positions)
         scan = find_due_steps(conn, now=now, limit=max(0, cap) + len(kept))
-    candidates = relaunch_candidates(scan.steps, kept, now_epoch=now_epoch, max_attempts=max_attempts)
-    running = set(in_flight(candidates)) if candidates else set()
+    open_keys = unfinished_run_keys(kept)
+    still_open = set(unfinished(open_keys)) if open_keys else set()
+    stamped = mark_finished(kept, still_open, now_epoch=now_epoch)
     plan = plan_tick(
         scan.steps,
-        kept,
+        stamped,
         now_epoch=now_epoch,
         max_attempts=max_attempts,
         cap=cap,
-        in_flight_run_keys=running,
+        per_run=per_run,
         pruned=len(entries) - len(kept),
     )
     return TickResult(scan, plan, dump_cursor(plan.cursor))

@@ -15,27 +15,27 @@
 On a provider failure nothing is written and :class:`StepSendFailed` is raised (the run fails; the
 sensor tries again later, see ``due.py``).
 
-**Why one email at most, even when two runs of the same step overlap.** Three layers:
+**Why one email at most, even when two runs of the same step overlap.** Three layers, and no
+transaction or row lock is ever held while the provider call is in flight (claim → commit → send →
+record):
 
-- *Claim (Postgres).* The state row is read with ``SELECT … FOR UPDATE SKIP LOCKED`` and the lock is
-  held, in one transaction, across rendering, the provider call, the ``email_sends`` insert and the
-  advance. A second run of the same step finds the row locked and returns ``busy`` at once (no
-  waiting, no send); a run that starts after the first committed finds the state advanced (``stale``).
-  The lock lasts one provider call (under a second normally, ~10 s at worst with the sender's three
-  retries); the backend's own writes to that one row wait at most that long. If the process dies, the
-  connection drops, Postgres rolls back and releases the lock, and nothing was written.
+- *Claim (Postgres).* In one short transaction the step takes a session-level advisory lock on the
+  state (``pg_try_advisory_lock``, never waiting) and reads the state row with ``SELECT … FOR UPDATE
+  SKIP LOCKED``; if either is held by someone else (another run of this step, or the backend writing
+  that row) it returns ``busy`` at once. It decides, renders and commits: the row lock ends there, the
+  advisory lock stays with the session through the provider call and is released afterwards. A killed
+  process's session ends and Postgres drops its lock; nothing was written.
 - *Provider idempotency.* Every attempt of a step sends the same key, so a run that died after Resend
-  accepted the email and before the commit is retried harmlessly: Resend answers with the first
+  accepted the email and before recording it is retried harmlessly: Resend answers with the first
   email's id. If the retry's body differs (the template values changed in between), Resend answers 409
   ``invalid_idempotent_request``; that too proves the key was used, so the step is recorded (provider
   id unknown) and advanced instead of failing forever.
 - *Unique ``email_sends.idempotency_key``* with ``INSERT … ON CONFLICT DO NOTHING``, and the advance as
-  ``UPDATE … WHERE id = :id AND current_step = :step AND status = 'active'``: two runs can never both
-  record or both advance.
+  ``UPDATE … WHERE id = :id AND current_step = :step AND status = 'active'`` in the record transaction
+  (which waits at most 10 s for a row lock): two runs can never both record or both advance.
 
-SQLite (local runs and tests) has no row locks; holding its database-wide write lock across a network
-call would stall every writer, so there the read and the writes are separate short transactions and
-the last two layers alone guarantee a single delivery (the provider de-duplicates by key).
+SQLite (local runs and tests) has no row or advisory locks: the same short transactions, and the last
+two layers alone guarantee a single delivery (the provider de-duplicates by key).
 """
 
 from __future__ import annotations
@@ -390,6 +390,32 @@ def _record_send(
     return conn.execute(statement).rowcount == 1
 
 
+# ---------------------------------------------------------------------------------------------- claim
+
+CLAIM_NAMESPACE = 0x5E0  # first key of the two-key advisory lock: "sequence step"
+RECORD_LOCK_TIMEOUT = "SET LOCAL lock_timeout = '10s'"
+
+
+def _try_claim(conn: sa.Connection, state_id: int) -> bool:
+    """Postgres: a session-level advisory lock on the state, without waiting. It outlives the claim
+    transaction (so no transaction is open during the provider call) and ends with the session, so a
+    killed process never leaves it behind."""
+    query = sa.select(sa.func.pg_try_advisory_lock(CLAIM_NAMESPACE, state_id))
+    return bool(conn.execute(query).scalar_one())
+
+
+def _release_claim(conn: sa.Connection, state_id: int) -> None:
+    """Unlock; if that fails, close the connection instead (ending the session ends the lock), so a
+    pooled connection never carries a claim to its next user."""
+    try:
+        if conn.in_transaction():
+            conn.rollback()
+        conn.execute(sa.select(sa.func.pg_advisory_unlock(CLAIM_NAMESPACE, state_id)))
+        conn.commit()
+    except sa.exc.SQLAlchemyError:
+        conn.invalidate()
+
+
 # ---------------------------------------------------------------------------------------------- run
 
 
@@ -415,37 +441,39 @@ def process_step(
         raise StepConfigError(str(exc)) from None
     if not billing_enabled(mode):
         return StepResult(StepOutcome.DISABLED, ref)
-    claim = is_postgres(engine)
+    postgres = is_postgres(engine)
     with engine.connect() as conn:
-        txn = conn.begin()
+        claimed = False
         try:
-            state = load_state(conn, ref.state_id, lock=claim)
-            if state is None and claim and load_state(conn, ref.state_id) is not None:
-                txn.rollback()
-                return StepResult(StepOutcome.BUSY, ref)
-            facts = load_user_facts(conn, ref.user_id) if state is not None else None
-            decision = decide(ref, state, facts, now=now, billing=billing_enabled(mode))
-            if decision.action in ("exit", "complete"):
-                moved = _transition(conn, ref, decision, now)
-                txn.commit()
-                return StepResult(decision.outcome, ref, advanced=moved, exit_reason=decision.exit_reason)
-            if decision.action == "none":
-                txn.rollback()
-                return StepResult(decision.outcome, ref)
-            assert facts is not None and facts.email is not None
-            email = build_outgoing_email(ref, facts, mode, frontend_url, unsubscribe_secret)
-            if not claim:
-                txn.commit()  # SQLite: never hold the database-wide write lock across the provider call
+            # 1. claim and decide, in one short transaction
+            with conn.begin():
+                if postgres:
+                    claimed = _try_claim(conn, ref.state_id)
+                    if not claimed:
+                        return StepResult(StepOutcome.BUSY, ref)
+                state = load_state(conn, ref.state_id, lock=postgres)
+                if state is None and postgres and load_state(conn, ref.state_id) is not None:
+                    return StepResult(StepOutcome.BUSY, ref)  # the row is locked (say by the backend)
+                facts = load_user_facts(conn, ref.user_id) if state is not None else None
+                decision = decide(ref, state, facts, now=now, billing=billing_enabled(mode))
+                if decision.action in ("exit", "complete"):
+                    moved = _transition(conn, ref, decision, now)
+                    return StepResult(decision.outcome, ref, advanced=moved, exit_reason=decision.exit_reason)
+                if decision.action == "none":
+                    return StepResult(decision.outcome, ref)
+                assert facts is not None and facts.email is not None
+                email = build_outgoing_email(ref, facts, mode, frontend_url, unsubscribe_secret)
+            # 2. send: no transaction open, no row locked (Postgres: only the session's claim is held)
             provider_id = _send(sender, email, ref)
-            if not claim:
-                txn = conn.begin()
-            recorded = _record_send(conn, ref, provider=sender.provider, provider_id=provider_id, now=now)
-            advanced = _advance(conn, ref, now)
-            txn.commit()
-        except BaseException:
-            if txn.is_active:
-                txn.rollback()
-            raise
+            # 3. record, in another short transaction
+            with conn.begin():
+                if postgres:
+                    conn.exec_driver_sql(RECORD_LOCK_TIMEOUT)
+                recorded = _record_send(conn, ref, provider=sender.provider, provider_id=provider_id, now=now)
+                advanced = _advance(conn, ref, now)
+        finally:
+            if claimed:
+                _release_claim(conn, ref.state_id)
     return StepResult(
         StepOutcome.SENT if advanced else StepOutcome.DUPLICATE,
         ref,
@@ -467,7 +495,7 @@ def build_outgoing_email(
     """Render the step's email for ``facts`` (``ref.step`` must be a real step) with key and tags."""
     step = get_step(ref.sequence_name, ref.step)
     assert step is not None
-    rendered = render_sequence_email(step.email_id, email_values(facts, mode), frontend_url)
+    rendered = render_sequence_email(step.template, email_values(facts, mode), frontend_url)
     return OutgoingEmail(
         to=(facts.email or "").strip(),
         subject=rendered.subject,

@@ -36,6 +36,7 @@ __all__ = [
     "last_step",
     "require_sequence",
     "step_due_at",
+    "template_id",
 ]
 
 SequenceName = Literal["welcome", "onboarding", "upgrade"]
@@ -54,8 +55,14 @@ class Step:
 
     @property
     def email_id(self) -> str:
-        """``welcome_1`` … ``upgrade_5``: the ``email_sends.email_name``, the ``step`` tag, the template."""
+        """The backend's name of this email (``welcome-1``, ``onboarding-3``, ``upgrade-5``): the
+        ``email_sends.email_name`` and the provider's ``step`` tag."""
         return email_id(self.sequence, self.number)
+
+    @property
+    def template(self) -> str:
+        """``welcome_1`` … ``upgrade_5``: the template file and content key of this email."""
+        return template_id(self.sequence, self.number)
 
 
 def _steps(sequence: SequenceName, *rows: tuple[timedelta, str]) -> tuple[Step, ...]:
@@ -110,8 +117,20 @@ def get_step(sequence: str, number: int) -> Step | None:
     return steps[number - 1] if 1 <= number <= len(steps) else None
 
 
+# The backend numbers onboarding emails 3-6 (its onboarding flow has two earlier, non-email steps).
+_EMAIL_NUMBER_OFFSET: Final[dict[str, int]] = {"onboarding": 2}
+
+
 def email_id(sequence: str, number: int) -> str:
-    """``email_id("welcome", 2) == "welcome_2"`` (no validation of the number)."""
+    """The backend's email name for step ``number``: ``welcome-1`` … ``welcome-4``, ``onboarding-3`` …
+    ``onboarding-6`` (onboarding steps 1-4), ``upgrade-1`` … ``upgrade-5``. Written to
+    ``email_sends.email_name`` and sent as the ``step`` tag. No validation of the number."""
+    return f"{sequence}-{number + _EMAIL_NUMBER_OFFSET.get(sequence, 0)}"
+
+
+def template_id(sequence: str, number: int) -> str:
+    """``template_id("onboarding", 1) == "onboarding_1"``: the template and content key (step numbers,
+    no validation)."""
     return f"{sequence}_{number}"
 
 

@@ -167,7 +167,7 @@ def test_a_run_killed_after_the_provider_accepted_is_retried_without_a_second_em
 
 
 def _tick(engine: sa.Engine, cursor: str | None, now: Any) -> Any:
-    return evaluate_tick(engine, cursor, now=now, cap=500, max_attempts=5, in_flight=lambda keys: set())
+    return evaluate_tick(engine, cursor, now=now, cap=500, max_attempts=5, unfinished=lambda keys: set())
 
 
 def test_a_user_who_connects_between_two_ticks_exits_welcome(db_url: str, fake_resend: FakeResend) -> None:
@@ -179,7 +179,11 @@ def test_a_user_who_connects_between_two_ticks_exits_welcome(db_url: str, fake_r
 
     first = _tick(engine, None, NOW + timedelta(hours=1))
     [launch] = first.plan.launches
-    assert (launch.step.state_id, launch.step.step, launch.run_key) == (state_id, 1, "sequence-welcome-u1-1")
+    assert (launch.step.state_id, launch.step.step, launch.attempt_key) == (
+        state_id,
+        1,
+        "sequence-welcome-u1-1",
+    )
     step = launch.step
     ref = StepRef(step.state_id, step.sequence_name, step.user_id, step.step)
     process_step(engine, ref, sender=sender, now=NOW + timedelta(hours=1), frontend_url=FRONTEND)
@@ -189,7 +193,7 @@ def test_a_user_who_connects_between_two_ticks_exits_welcome(db_url: str, fake_r
 
     second = _tick(engine, first.cursor, NOW + timedelta(days=2))
     [launch2] = second.plan.launches
-    assert (launch2.step.step, launch2.run_key) == (2, "sequence-welcome-u1-2")
+    assert (launch2.step.step, launch2.attempt_key) == (2, "sequence-welcome-u1-2")
     assert second.plan.pruned == 1  # step 1 left the cursor: the state moved on
     step2 = launch2.step
     result = process_step(
@@ -201,7 +205,7 @@ def test_a_user_who_connects_between_two_ticks_exits_welcome(db_url: str, fake_r
     )
 
     assert (result.outcome, result.exit_reason) == (StepOutcome.EXITED, "connected")
-    assert [d.tags["step"] for d in fake_resend.sent] == ["welcome_1"]
+    assert [d.tags["step"] for d in fake_resend.sent] == ["welcome-1"]
     state = _state(engine, state_id)
     assert (state.status, state.exit_reason, state.current_step) == ("exited", "connected", 2)
     assert _tick(engine, second.cursor, NOW + timedelta(days=30)).plan.launches == []

@@ -75,12 +75,12 @@ def test_sends_records_and_advances(engine: sa.Engine) -> None:
     assert email.to == "u1@example.test"
     assert email.subject == "Welcome to Daily Brain Bits, Ada"
     assert email.idempotency_key == "sequence-welcome-u1-1"
-    assert email.tags == {"email_type": "sequence", "sequence": "welcome", "step": "welcome_1"}
+    assert email.tags == {"email_type": "sequence", "sequence": "welcome", "step": "welcome-1"}
     assert f"{FRONTEND}/onboarding/choose-source" in email.html
     [row] = sends(engine)
     assert row["user_id"] == "u1"
     assert row["sequence_name"] == "welcome"
-    assert row["email_name"] == "welcome_1"
+    assert row["email_name"] == "welcome-1"
     assert row["idempotency_key"] == "sequence-welcome-u1-1"
     assert (row["provider"], row["resend_id"]) == ("memory", "mem-1")
     assert row["payload_json"] == {"provider": "memory", "step": 1}
@@ -101,7 +101,7 @@ def test_last_step_completes_the_sequence(engine: sa.Engine) -> None:
         NOW,
         NOW,
     )
-    assert [s["email_name"] for s in sends(engine)] == ["upgrade_5"]
+    assert [s["email_name"] for s in sends(engine)] == ["upgrade-5"]
 
 
 def test_a_state_beyond_the_last_step_is_completed_without_email(engine: sa.Engine) -> None:
@@ -199,7 +199,7 @@ def test_not_yet_due_and_blocked(engine: sa.Engine) -> None:
         f.digest(conn, "u2", status="sent", sent_at=NOW - timedelta(hours=2) + timedelta(seconds=1))
     assert run(engine, onboarding).outcome is StepOutcome.NOT_DUE
     assert run(engine, onboarding, now=NOW + timedelta(seconds=1)).outcome is StepOutcome.SENT
-    assert [s["email_name"] for s in sends(engine)] == ["onboarding_1"]
+    assert [s["email_name"] for s in sends(engine)] == ["onboarding-3"]
 
 
 def test_provider_failure_changes_nothing_and_a_retry_succeeds(engine: sa.Engine) -> None:
@@ -225,7 +225,7 @@ def test_an_existing_email_sends_row_is_not_duplicated(engine: sa.Engine) -> Non
             sa.insert(t.email_sends).values(
                 user_id="u1",
                 sequence_name="welcome",
-                email_name="welcome_3",
+                email_name="welcome-3",
                 idempotency_key="sequence-welcome-u1-3",
                 resend_id="earlier",
             )
@@ -316,14 +316,32 @@ def test_free_plan_clamps_the_values_shown(engine: sa.Engine) -> None:
     assert "right now you get 5 notes every 3 days" in email.text
 
 
+def test_upgrade_1_counts_the_notes_of_this_users_sent_digests(engine: sa.Engine) -> None:
+    """Notes received = the items of the user's sent digests (12 = 4 × 3): failed digests and other
+    users' digests do not count. (A sent digest without items, as the demo's seeded history has,
+    counts as a digest and no notes.)"""
+    ref = setup_state(engine, "upgrade")
+    _history(engine, "u1", digests=4, items=3)
+    with engine.begin() as conn:
+        f.user(conn, "u2")
+    _history(engine, "u2", digests=2, items=7)
+    sender = RecordingSender()
+    assert run(engine, ref, sender).outcome is StepOutcome.SENT
+    [email] = sender.sent
+    assert email.subject == "Your Brain Bits so far: 4 digests, 12 notes"
+    assert "12 notes resurfaced" in email.text
+
+
 def test_a_bounded_number_of_statements_whatever_the_history(engine: sa.Engine) -> None:
     ref = setup_state(engine, "upgrade", step=2)
     _history(engine, "u1", digests=12, items=6)
     with count_statements(engine) as counter:
         result = run(engine, ref)
     assert result.outcome is StepOutcome.SENT
-    # state (claim) + user facts + email_sends insert + compare-and-set advance
-    assert counter.count == 4, counter.statements
+    # state (claim) + user facts + email_sends insert + compare-and-set advance; on Postgres also the
+    # advisory claim, its release and the record transaction's lock_timeout
+    pg = engine.dialect.name == "postgresql"
+    assert counter.count == 4 + 3 * pg, counter.statements
 
 
 def test_through_the_real_sdk_and_fake_resend(engine: sa.Engine, fake_resend: FakeResend) -> None:
@@ -335,7 +353,7 @@ def test_through_the_real_sdk_and_fake_resend(engine: sa.Engine, fake_resend: Fa
     [delivery] = fake_resend.sent
     assert delivery.to == ["u1@example.test"]
     assert delivery.idempotency_key == "sequence-onboarding-u1-4"
-    assert delivery.tags == {"email_type": "sequence", "sequence": "onboarding", "step": "onboarding_4"}
+    assert delivery.tags == {"email_type": "sequence", "sequence": "onboarding", "step": "onboarding-6"}
     assert delivery.subject == "Two weeks in: how is it going?"
     assert f"{FRONTEND}/feedback" in (delivery.text or "")
     assert [s["resend_id"] for s in sends(engine)] == [delivery.id]

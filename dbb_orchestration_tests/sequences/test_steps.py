@@ -16,6 +16,7 @@ from dbb_orchestration.sequences.steps import (
     last_step,
     require_sequence,
     step_due_at,
+    template_id,
 )
 
 ENTERED = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
@@ -109,6 +110,18 @@ def test_idempotency_key_format_and_cut() -> None:
 
 
 def test_tags_are_sanitized() -> None:
-    assert email_tags("upgrade", 5) == {"email_type": "sequence", "sequence": "upgrade", "step": "upgrade_5"}
+    assert email_tags("upgrade", 5) == {"email_type": "sequence", "sequence": "upgrade", "step": "upgrade-5"}
     assert email_tags("we lcome", 1)["sequence"] == "we-lcome"
-    assert email_id("onboarding", 4) == "onboarding_4"
+
+
+def test_email_names_are_the_backends() -> None:
+    names = [step.email_id for steps in STEPS.values() for step in steps]
+    assert names == [
+        *(f"welcome-{n}" for n in range(1, 5)),
+        *(f"onboarding-{n}" for n in range(3, 7)),
+        *(f"upgrade-{n}" for n in range(1, 6)),
+    ]
+    assert [email_tags(s.sequence, s.number)["step"] for steps in STEPS.values() for s in steps] == names
+    assert email_id("onboarding", 4) == "onboarding-6"
+    assert template_id("onboarding", 4) == "onboarding_4"
+    assert STEPS["onboarding"][0].template == "onboarding_1"
