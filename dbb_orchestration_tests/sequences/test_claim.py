@@ -125,5 +125,9 @@ def test_the_claim_is_released_after_every_outcome(pg: sa.Engine, fake_resend: F
             frontend_url=FRONTEND,
         )
     with pg.connect() as conn:
-        held = conn.exec_driver_sql("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").scalar_one()
+        # pg_locks lists the whole server (other tests run in parallel): count this database's locks only.
+        held = conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).scalar_one()
     assert held == 0
