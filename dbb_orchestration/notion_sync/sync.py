@@ -86,8 +86,8 @@ from dbb_orchestration.notion_sync.pages import (
     page_title,
     parse_notion_time,
 )
-from dbb_orchestration.operations.failure_sensor import scrub
 from dbb_orchestration.plans import DeploymentMode
+from dbb_orchestration.redaction import scrub
 
 __all__ = [
     "ABANDONED_RUN_AGE",

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 import dagster as dg
 from pydantic import Field
 
-from dbb_orchestration.operations.failure_sensor import scrub
+from dbb_orchestration.redaction import scrub
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
 from dbb_orchestration.sequences.discover import discover_upgrade_candidates
 from dbb_orchestration.sequences.due import Launch, describe_tick, evaluate_tick
