@@ -56,6 +56,20 @@ def _number(
     return value
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, minimum=0)
+    if value <= 0:
+        raise SettingsError(f"{name} must be > 0, got {env.get(name)!r}")
+    return value
+
+
+def _batch_size(env: Mapping[str, str], name: str, default: int) -> int:
+    value = int(_number(env, name, default, minimum=1, integer=True))
+    if value > 100:
+        raise SettingsError(f"{name} must be <= 100 (Resend's batch limit), got {env.get(name)!r}")
+    return value
+
+
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
     raw = (env.get(name) or "").strip() or default
     if not raw.startswith(("http://", "https://")):
@@ -101,6 +115,12 @@ class Settings:
     notion_connection_pause_seconds: float = 2.0
     # Demo and tests only: pins the wall clock (``DBB_NOW``, ISO-8601 with offset).
     now_override: datetime | None = None
+    # Delivery (docs/operations.md "Delivery"): bounded provider calls, batches, short DB waits.
+    email_request_timeout_seconds: float = 10.0
+    email_max_retries: int = 3
+    email_circuit_breaker_failures: int = 5
+    email_batch_size: int = 100  # digests per Resend batch request (Resend allows at most 100)
+    digest_lock_timeout_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -142,6 +162,13 @@ class Settings:
             notion_page_concurrency=int(_number(env, "NOTION_PAGE_CONCURRENCY", 4, minimum=1, integer=True)),
             notion_connection_pause_seconds=_number(env, "NOTION_CONNECTION_PAUSE_SECONDS", 2.0, minimum=0),
             now_override=_instant(env, "DBB_NOW"),
+            email_request_timeout_seconds=_positive(env, "EMAIL_REQUEST_TIMEOUT_SECONDS", 10.0),
+            email_max_retries=int(_number(env, "EMAIL_MAX_RETRIES", 3, minimum=0, integer=True)),
+            email_circuit_breaker_failures=int(
+                _number(env, "EMAIL_CIRCUIT_BREAKER_FAILURES", 5, minimum=1, integer=True)
+            ),
+            email_batch_size=_batch_size(env, "EMAIL_BATCH_SIZE", 100),
+            digest_lock_timeout_seconds=_positive(env, "DIGEST_LOCK_TIMEOUT_SECONDS", 5.0),
         )
 
     def now(self) -> datetime:
