@@ -345,10 +345,10 @@ class ResendSender:
                 return outcome, attempt
             error = outcome
             self.breaker.record(outage=error.counts_as_outage)
+            if error.counts_as_outage and self.breaker.is_open:
+                raise ProviderUnavailable(self.breaker.threshold, attempts=attempt)
             if not error.retryable or attempt > self.max_retries:
                 raise error
-            if self.breaker.is_open:
-                raise ProviderUnavailable(self.breaker.threshold, attempts=attempt)
             delay = self.base_delay * (2 ** (attempt - 1))
             if error.retry_after is not None:
                 delay = max(delay, error.retry_after)
