@@ -37,6 +37,9 @@ Behaviour copied from the real service (errors are ``{"statusCode", "name", "mes
 * Optional team-wide rate limit (``rate_limit_per_second``, a token bucket over every request, burst
   ``rate_limit_burst`` default the rate): over it → 429 ``rate_limit_exceeded`` with ``retry-after: 1``
   and ``ratelimit-*`` headers, counted in :attr:`FakeResend.rate_limited`.
+* Suppressed recipients (:meth:`FakeResend.suppress`): an email to one is refused with Resend's
+  message "The address … is on the suppression list" — a 422 for ``/emails`` and a strict batch, a
+  per-email error in a permissive batch.
 * Hang mode (:meth:`FakeResend.set_hang`): requests are accepted and never answered (each is held
   until hang mode ends or the fake stops, then the connection is closed without a response), counted
   in :attr:`FakeResend.hung_requests`: what a provider that "accepts connections and never answers"
@@ -319,6 +322,7 @@ class FakeResend(LoopbackServer):
         self._hung = 0
         self._release = threading.Event()
         self._release.set()
+        self._suppressed: set[str] = set()
 
     def _new_bucket(self) -> TokenBucket | None:
         if not self.rate_limit_per_second:
@@ -354,6 +358,20 @@ class FakeResend(LoopbackServer):
         """Requests received while hang mode was on (none of them was answered)."""
         with self._lock:
             return self._hung
+
+    def suppress(self, address: str) -> None:
+        """Refuse every later email to ``address`` (see the module docstring)."""
+        with self._lock:
+            self._suppressed.add(_bare(address))
+
+    def _check_suppressed(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            return
+        with self._lock:
+            suppressed = set(self._suppressed)
+        for address in _as_list(body.get("to")):
+            if _bare(address) in suppressed:
+                raise _Reject(422, "validation_error", f"The address {address} is on the suppression list.")
 
     def set_hang(self, on: bool = True) -> None:
         """Hang mode on: every later request is held without an answer; off: held requests are dropped
@@ -527,6 +545,12 @@ class FakeResend(LoopbackServer):
     ) -> HttpResponse:
         """Validate, apply idempotency and record; sleeps ``delay`` once (after reserving a new key)."""
         refusal = self._validate(ok, body, key, batch=batch, permissive=permissive)
+        if refusal is None and not (batch and permissive):
+            try:
+                for item in body if batch else [body]:
+                    self._check_suppressed(item)
+            except _Reject as exc:
+                refusal = _error(exc.status, exc.name, exc.message)
         if refusal is not None:
             time.sleep(delay)
             return refusal
@@ -558,7 +582,7 @@ class FakeResend(LoopbackServer):
         items: list[dict[str, Any]] = body if batch else [body]
         errors: list[dict[str, Any]] = []
         if batch and permissive:
-            errors = _batch_errors(items)
+            errors = _batch_errors(items, self._check_suppressed)
             rejected = {e["index"] for e in errors}
             items = [item for i, item in enumerate(items) if i not in rejected]
         received_at = self._clock()
@@ -640,12 +664,13 @@ class FakeResend(LoopbackServer):
         return HttpResponse.json(200, record)
 
 
-def _batch_errors(items: list[Any]) -> list[dict[str, Any]]:
+def _batch_errors(items: list[Any], extra: Callable[[Any], None]) -> list[dict[str, Any]]:
     """Permissive batch validation: ``{"index", "message"}`` for every invalid email, in order."""
     errors = []
     for index, item in enumerate(items):
         try:
             validate_email_payload(item)
+            extra(item)
         except _Reject as exc:
             errors.append({"index": index, "message": exc.message})
     return errors
