@@ -51,6 +51,7 @@ the guarded record plus the provider keys keep each digest to one delivery.
 
 from __future__ import annotations
 
+import threading
 import uuid
 import zlib
 from collections import Counter
@@ -77,6 +78,7 @@ from dbb_orchestration.digests.queries import (
     load_document_counts,
     load_items,
     load_last_sends,
+    load_marked_pending,
     load_pending_digests,
     load_review_states,
     load_user_batch,
@@ -129,6 +131,7 @@ CLAIMED_ELSEWHERE = "claimed_elsewhere"
 LOCKED_ELSEWHERE = "locked_elsewhere"
 BATCH_ELSEWHERE = "batch_in_flight_elsewhere"
 RECORD_DEFERRED = "record_deferred"
+IN_FLIGHT = "in_flight"
 _LOCK_NOT_AVAILABLE = "55P03"
 
 
@@ -334,14 +337,18 @@ def deliver_due_digests(
                     report.users_considered += len(users)
                     plans = {row.id: user_plan(row, settings.deployment_mode) for row in users}
                     due = _due_users(conn, plans, now, first_digest_bypass, report, count=True)
-                claimed = claims.try_claim(sorted(due))
-                if len(claimed) < len(due):
-                    report.skipped[CLAIMED_ELSEWHERE] += len(due) - len(claimed)
+                    # every user of the page: one statement whatever the mix of due and not due
+                    in_flight = _in_flight_users(conn, list(plans), real_clock) - set(due)
+                claimed_for_resolution = set(in_flight)
+                wanted = sorted(set(due) | claimed_for_resolution)
+                claimed = claims.try_claim(wanted)
+                if len(claimed) < len(wanted):
+                    report.skipped[CLAIMED_ELSEWHERE] += len(wanted) - len(claimed)
                 try:
                     if claimed:
                         _run_page(
                             engine, sender, settings, pool, users, plans, claimed, now, real_clock,
-                            first_digest_bypass, report,
+                            first_digest_bypass, report, claimed_for_resolution,
                         )  # fmt: skip
                 finally:
                     claims.release(claimed)
@@ -354,6 +361,17 @@ def deliver_due_digests(
     return report
 
 
+def _in_flight_users(conn: sa.Connection, user_ids: Sequence[str], clock: Callable[[], datetime]) -> set[str]:
+    """Users (of ``user_ids``) with a pending digest handed to the provider less than 24 h ago: whatever
+    the hour, such a digest is resolved (replayed under its key) before anything else is sent to
+    them, so an unrecorded delivery is proven rather than repeated under a new key after the key
+    expired. One statement."""
+    real_now = as_utc(clock(), "clock()")
+    return {
+        uid for uid, payload in load_marked_pending(conn, user_ids) if in_flight_marker(payload, real_now)
+    }
+
+
 def _due_users(
     conn: sa.Connection,
     plans: dict[str, UserPlan],
@@ -362,19 +380,24 @@ def _due_users(
     report: SendReport,
     *,
     count: bool,
+    in_flight: set[str] | None = None,
 ) -> dict[str, DueCheck]:
     """:func:`due_check` for every user of ``plans`` against their last send (one statement). With
-    ``count`` the plan issues are added to the report (the first check of a page only)."""
+    ``count`` the plan issues are added to the report (the first check of a page only). A user of
+    ``in_flight`` who is not due is kept with reason ``in_flight`` (to resolve that digest only)."""
     last_sends = load_last_sends(conn, list(plans))
     checks: dict[str, DueCheck] = {}
     for uid, plan in plans.items():
         if count:
             report.data_issues.update(plan.issues)
-        check = due_check(plan, last_sends.get(uid), now, first_digest_bypass=first_digest_bypass)
+        last = last_sends.get(uid)
+        check = due_check(plan, last, now, first_digest_bypass=first_digest_bypass)
         if check.reason == "invalid_send_hour" and count:
             report.data_issues["invalid_send_hour"] += 1
         if check.due:
             checks[uid] = check
+        elif in_flight and uid in in_flight:
+            checks[uid] = DueCheck(True, IN_FLIGHT, last is None)
         else:
             report.not_due[check.reason] += 1
     return checks
@@ -392,9 +415,12 @@ def _run_page(
     clock: Callable[[], datetime],
     first_digest_bypass: bool,
     report: SendReport,
+    in_flight: set[str],
 ) -> None:
     with _short_transaction(engine, settings) as conn:
-        page = _prepare(conn, users, plans, claimed, now, clock, settings, first_digest_bypass, report)
+        page = _prepare(
+            conn, users, plans, claimed, now, clock, settings, first_digest_bypass, report, in_flight
+        )
     deliveries = _send(page, sender, settings, pool, clock, report)
     _record(engine, settings, page, deliveries, clock, report)
 
@@ -409,13 +435,20 @@ def _prepare(
     settings: Settings,
     first_digest_bypass: bool,
     report: SendReport,
+    in_flight: set[str],
 ) -> _Page:
     """Under the claims: re-check due, lock (skipping held rows) and choose digests, load what the emails
     show, form the batches and write their keys into the digests' payloads."""
     real_now = as_utc(clock(), "clock()")
     rows = {row.id: row for row in users}
     checks = _due_users(
-        conn, {uid: plans[uid] for uid in sorted(claimed)}, now, first_digest_bypass, report, count=False
+        conn,
+        {uid: plans[uid] for uid in sorted(claimed)},
+        now,
+        first_digest_bypass,
+        report,
+        count=False,
+        in_flight=in_flight,
     )
     report.due += len(checks)
     ids = sorted(checks)
@@ -434,6 +467,8 @@ def _prepare(
         newest, older = choose_for_delivery(by_user.get(uid, []), real_now)
         if newest is None:
             report.skipped[NO_PENDING] += 1
+        elif checks[uid].reason == IN_FLIGHT and in_flight_marker(newest.payload_json, real_now) is None:
+            report.skipped[NO_PENDING] += 1  # resolved meanwhile: nothing in flight is left for this user
         else:
             chosen[uid] = (newest, older)
 
@@ -531,7 +566,10 @@ def _send(
     clock: Callable[[], datetime],
     report: SendReport,
 ) -> list[_Delivery]:
-    """Render every email, then send each batch (in parallel); every outcome becomes a delivery."""
+    """Render every email, then send each batch (in parallel); every outcome becomes a delivery.
+    ``report.requests`` counts the provider requests made (attempts included)."""
+    requests = [0]
+    requests_lock = threading.Lock()
 
     def render(job: SendJob) -> tuple[SendJob, OutgoingEmail | None, Counter[str]]:
         try:
@@ -561,17 +599,23 @@ def _send(
         try:
             result: BatchResult | None = send_batch(sender, emails, batch.key)
             failure: BaseException | None = None
+            attempts = result.attempts if result is not None else 0
         except Exception as exc:  # provider errors are outcomes; a kill (BaseException) propagates
             result, failure = None, exc
+            attempts = exc.attempts if isinstance(exc, EmailSendError) else 1
+        with requests_lock:
+            requests[0] += attempts
         accepted_at = as_utc(clock(), "clock()")
         for index, (job, _email, issues) in enumerate(ready):
             out.append(_outcome(job, issues, sender.provider, result, index, failure, accepted_at))
         return out
 
     deliveries: list[_Delivery] = []
-    for batch_deliveries in pool.map(deliver, page.batches):
-        deliveries.extend(batch_deliveries)
-    report.requests += sum(1 for _ in page.batches)
+    try:
+        for batch_deliveries in pool.map(deliver, page.batches):
+            deliveries.extend(batch_deliveries)
+    finally:
+        report.requests += requests[0]
     return deliveries
 
 

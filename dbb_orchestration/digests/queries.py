@@ -51,6 +51,7 @@ __all__ = [
     "load_items",
     "load_last_sends",
     "load_latest_digests",
+    "load_marked_pending",
     "load_pending_digests",
     "load_review_states",
     "load_user_batch",
@@ -581,3 +582,16 @@ def load_digest_statuses(conn: sa.Connection, digest_ids: Sequence[int]) -> dict
     d = t.note_digests
     stmt = sa.select(d.c.id, d.c.status, d.c.payload_json).where(in_ids(conn, d.c.id, list(digest_ids)))
     return {r.id: (r.status, r.payload_json) for r in conn.execute(stmt).all()}
+
+
+def load_marked_pending(conn: sa.Connection, user_ids: Sequence[str]) -> list[tuple[str, Any]]:
+    """``(user_id, payload_json)`` of these users' pending digests whose payload carries a
+    ``delivery.batch_key`` (handed to the provider, outcome not recorded): one statement."""
+    if not user_ids:
+        return []
+    d = t.note_digests
+    key = d.c.payload_json["delivery"]["batch_key"].as_string()
+    stmt = sa.select(d.c.user_id, d.c.payload_json).where(
+        in_ids(conn, d.c.user_id, user_ids), d.c.status.in_(PENDING_STATUSES), key.is_not(None)
+    )
+    return [(r.user_id, r.payload_json) for r in conn.execute(stmt).all()]

@@ -211,7 +211,7 @@ class SendReport:
     data_issues: Counter[str] = field(default_factory=Counter)
     failed_digest_ids: list[int] = field(default_factory=list)
     batches: int = 0  # pages of users
-    requests: int = 0  # provider batch requests (each up to EMAIL_BATCH_SIZE digests)
+    requests: int = 0  # provider requests, retries included (a batch holds up to EMAIL_BATCH_SIZE digests)
     provider_unavailable: int = 0  # recorded failed because the circuit breaker was open
 
     def metadata(self) -> dict[str, Any]:

@@ -356,3 +356,28 @@ def test_provider_error_text_is_scrubbed_before_error_json(engine: sa.Engine) ->
     assert "u1@example.test" not in text and "re_key1234567" not in text
     assert "[email]" in row.error_json["message"]
     assert "u1@example.test" not in str(report.metadata())
+
+
+def test_an_unrecorded_batch_is_resolved_by_the_next_hour_without_a_second_email(
+    engine: sa.Engine, fake_resend: FakeResend
+) -> None:
+    """The op was killed after the provider accepted and never retried: the 09:00 run (where these
+    users are not due) proves the 08:00 delivery under its key instead of leaving it to be re-sent
+    under a new key once the key has expired."""
+    with engine.begin() as conn:
+        ids = [user_with_pending(conn, f"u{n}") for n in range(3)]
+        f.user(conn, "other")  # not due at 09:00 and nothing in flight: untouched
+    s = settings_for(engine, keyring=KEYRING)
+    with pytest.raises(SimulatedKill):
+        send_due_digests(engine, KilledAfterAccept(resend_sender(fake_resend), after=1), s, NOW, clock)
+    assert len(fake_resend.sent) == 3 and set(statuses(engine).values()) == {"scheduled"}
+
+    later = NOW + timedelta(hours=1)
+    report = send_due_digests(engine, resend_sender(fake_resend), s, later, lambda: later)
+    assert report.sent == 3 and len(fake_resend.sent) == 3
+    assert set(statuses(engine).values()) == {"sent"}
+    assert sorted(i for i in provider_ids(engine).values() if i) == sorted(d.id for d in fake_resend.sent)
+    assert sorted(provider_ids(engine)) == sorted(ids)
+    # and nothing is in flight any more: the hour after sends nothing
+    again = send_due_digests(engine, resend_sender(fake_resend), s, later + timedelta(hours=1), clock)
+    assert (again.sent, again.due) == (0, 0) and fake_resend.requests_count == 2
