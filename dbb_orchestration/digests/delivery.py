@@ -32,8 +32,9 @@ Per page of verified users (keyset pagination, ``DIGEST_BATCH_SIZE``), a bounded
    pending with its batch key: the next run proves the delivery, below). Then the claims are released.
 
 **Exactly once after a crash.** A process killed between 4 and 5 leaves its digests pending with a
-``delivery`` marker. A later run (within 24 h, Resend's key lifetime) sends such a digest again in
-its recorded batch, under the recorded key: when every member still pending is in this run, the
+``delivery`` marker. The next run within 24 h (Resend's key lifetime), whatever its hour — a user
+with such a digest is claimed to resolve it even when not due — sends it again in its recorded
+batch, under the recorded key: when every member still pending is in this run, the
 members go out in their recorded order — the identical request returns the first ids; a request that
 differs (a member recorded meanwhile, a title renamed) is answered 409 ``invalid_idempotent_request``,
 which proves the key's batch was accepted, so the members are recorded ``sent`` without ids. When a
