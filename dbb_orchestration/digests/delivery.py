@@ -337,11 +337,11 @@ def deliver_due_digests(
                     report.batches += 1
                     report.users_considered += len(users)
                     plans = {row.id: user_plan(row, settings.deployment_mode) for row in users}
-                    due = _due_users(conn, plans, now, first_digest_bypass, report, count=True)
-                    # every user of the page: one statement whatever the mix of due and not due
-                    in_flight = _in_flight_users(conn, list(plans), real_clock) - set(due)
-                claimed_for_resolution = set(in_flight)
-                wanted = sorted(set(due) | claimed_for_resolution)
+                    in_flight = _in_flight_users(conn, list(plans), real_clock)
+                    due = _due_users(
+                        conn, plans, now, first_digest_bypass, report, count=True, in_flight=in_flight
+                    )
+                wanted = sorted(due)
                 claimed = claims.try_claim(wanted)
                 if len(claimed) < len(wanted):
                     report.skipped[CLAIMED_ELSEWHERE] += len(wanted) - len(claimed)
@@ -349,7 +349,7 @@ def deliver_due_digests(
                     if claimed:
                         _run_page(
                             engine, sender, settings, pool, users, plans, claimed, now, real_clock,
-                            first_digest_bypass, report, claimed_for_resolution,
+                            first_digest_bypass, report, in_flight,
                         )  # fmt: skip
                 finally:
                     claims.release(claimed)
