@@ -69,6 +69,8 @@ pacer = PostgresPacer(engine, "re_team_key", float(rate)) if mode == "shared" el
 sender = ResendSender(
     api_key="re_team_key", api_url=api_url, from_address="digest@dbb.test", rate_limiter=pacer, max_retries=0
 )
+print("ready", flush=True)
+sys.stdin.readline()  # both processes start sending together
 for n in range(int(count)):
     email = OutgoingEmail(f"{name}-{n}@example.test", "s", "<p>h</p>", "t", f"{name}-{n}")
     try:
@@ -79,12 +81,25 @@ for n in range(int(count)):
 
 
 def _two_processes(api_url: str, db_url: str, mode: str, count: int, rate: float) -> None:
+    """Two worker processes, released together once both have started (imports and connections done)."""
     procs = [
-        subprocess.Popen([sys.executable, "-c", _WORKER, api_url, db_url, name, str(count), str(rate), mode])
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, api_url, db_url, name, str(count), str(rate), mode],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for name in ("a", "b")
     ]
     for proc in procs:
-        assert proc.wait(timeout=120) == 0
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+    for proc in procs:
+        proc.communicate(timeout=120)
+        assert proc.returncode == 0
 
 
 @pytest.mark.postgres
