@@ -56,6 +56,20 @@ def _number(
     return value
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    value = _number(env, name, default, minimum=0)
+    if value <= 0:
+        raise SettingsError(f"{name} must be > 0, got {env.get(name)!r}")
+    return value
+
+
+def _batch_size(env: Mapping[str, str], name: str, default: int) -> int:
+    value = int(_number(env, name, default, minimum=1, integer=True))
+    if value > 100:
+        raise SettingsError(f"{name} must be <= 100 (Resend's batch limit), got {env.get(name)!r}")
+    return value
+
+
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
     raw = (env.get(name) or "").strip() or default
     if not raw.startswith(("http://", "https://")):
@@ -122,6 +136,12 @@ class Settings:
     # An hourly digest partition whose hour ended more than this many hours before ``now()`` creates
     # and sends nothing (``DIGEST_CATCH_UP_HOURS``; docs/operations.md, backfill section).
     digest_catch_up_hours: int = 24
+    # Delivery (docs/operations.md "Delivery"): bounded provider calls, batches, short DB waits.
+    email_request_timeout_seconds: float = 10.0
+    email_max_retries: int = 3
+    email_circuit_breaker_failures: int = 5
+    email_batch_size: int = 100  # digests per Resend batch request (Resend allows at most 100)
+    digest_lock_timeout_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -168,6 +188,13 @@ class Settings:
             automation_enabled=automation_enabled(env),
             unsubscribe_secret=(env.get("UNSUBSCRIBE_SECRET") or "").strip() or None,
             digest_catch_up_hours=int(_number(env, "DIGEST_CATCH_UP_HOURS", 24, minimum=0, integer=True)),
+            email_request_timeout_seconds=_positive(env, "EMAIL_REQUEST_TIMEOUT_SECONDS", 10.0),
+            email_max_retries=int(_number(env, "EMAIL_MAX_RETRIES", 3, minimum=0, integer=True)),
+            email_circuit_breaker_failures=int(
+                _number(env, "EMAIL_CIRCUIT_BREAKER_FAILURES", 5, minimum=1, integer=True)
+            ),
+            email_batch_size=_batch_size(env, "EMAIL_BATCH_SIZE", 100),
+            digest_lock_timeout_seconds=_positive(env, "DIGEST_LOCK_TIMEOUT_SECONDS", 5.0),
         )
 
     def now(self) -> datetime:

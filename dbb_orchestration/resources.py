@@ -8,6 +8,7 @@ patching globals). Nothing is read at import time.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -16,9 +17,9 @@ import sqlalchemy as sa
 from pydantic import Field
 
 from dbb_orchestration.config import Settings, SettingsError
-from dbb_orchestration.db.engine import shared_engine
-from dbb_orchestration.email.sender import DryRunSender, EmailSender, ResendSender
-from dbb_orchestration.ratelimit import RateLimiter
+from dbb_orchestration.db.engine import is_postgres, shared_engine
+from dbb_orchestration.email.sender import CircuitBreaker, DryRunSender, EmailSender, ResendSender
+from dbb_orchestration.ratelimit import Pacer, PostgresPacer, advisory_key, shared_rate_limiter
 
 
 class SettingsResource(dg.ConfigurableResource):
@@ -48,6 +49,46 @@ class DatabaseResource(dg.ConfigurableResource):
             yield conn
 
 
+_PACERS: dict[tuple[str, int, float], Pacer] = {}
+_PACERS_LOCK = threading.Lock()
+
+
+def team_pacer(settings: Settings) -> Pacer:
+    """The pacer every sender of this process uses for ``settings``' API key: on Postgres the team-wide
+    :class:`PostgresPacer` (shared with every other process using the key), on SQLite the process-wide
+    :class:`~dbb_orchestration.ratelimit.RateLimiter`. One per (database, key, rate) per process."""
+    name = settings.resend_api_key or ""
+    rate = float(settings.email_rate_limit_per_second or 0)
+    cache_key = (settings.database_url, advisory_key(name), rate)
+    with _PACERS_LOCK:
+        pacer = _PACERS.get(cache_key)
+        if pacer is None:
+            engine = shared_engine(settings.database_url)
+            if is_postgres(engine):
+                pacer = PostgresPacer(engine, name, rate)
+            else:
+                pacer = shared_rate_limiter(str(advisory_key(name)), rate)
+            _PACERS[cache_key] = pacer
+        return pacer
+
+
+def resend_sender(settings: Settings) -> ResendSender:
+    """The Resend sender for ``settings`` (``RESEND_API_KEY`` required): team-wide pacing, request
+    timeout, bounded retries and a fresh circuit breaker (one per run)."""
+    settings.require_resend(dry_run=False)
+    assert settings.resend_api_key is not None
+    return ResendSender(
+        api_key=settings.resend_api_key,
+        api_url=settings.resend_api_url,
+        from_address=settings.resend_from,
+        reply_to=settings.resend_reply_to,
+        rate_limiter=team_pacer(settings),
+        max_retries=settings.email_max_retries,
+        request_timeout=settings.email_request_timeout_seconds,
+        breaker=CircuitBreaker(settings.email_circuit_breaker_failures),
+    )
+
+
 class EmailResource(dg.ConfigurableResource):
     """Builds the email sender: Resend, or the dry-run sender when the job's dry-run flag is on."""
 
@@ -57,15 +98,7 @@ class EmailResource(dg.ConfigurableResource):
         settings = self.settings.get()
         if dry_run:
             return DryRunSender()
-        settings.require_resend(dry_run=False)
-        assert settings.resend_api_key is not None
-        return ResendSender(
-            api_key=settings.resend_api_key,
-            api_url=settings.resend_api_url,
-            from_address=settings.resend_from,
-            reply_to=settings.resend_reply_to,
-            rate_limiter=RateLimiter(settings.email_rate_limit_per_second),
-        )
+        return resend_sender(settings)
 
     def sender_for_op(self, *, dry_run: bool) -> EmailSender:
         """:meth:`sender` for an op: a missing ``RESEND_API_KEY`` fails the op at once (no retries),

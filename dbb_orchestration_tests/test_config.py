@@ -84,3 +84,37 @@ def test_clock_is_real_unless_pinned() -> None:
     assert pinned.now() == datetime(2026, 2, 8, 8, 0, tzinfo=UTC)
     with pytest.raises(SettingsError, match="DBB_NOW"):
         Settings.from_env({**BASE, "DBB_NOW": "2026-02-08T08:00:00"})
+
+
+def test_delivery_settings() -> None:
+    base = {"DATABASE_URL": "sqlite:///x.sqlite"}
+    defaults = Settings.from_env(base)
+    assert (
+        defaults.email_request_timeout_seconds,
+        defaults.email_max_retries,
+        defaults.email_circuit_breaker_failures,
+        defaults.email_batch_size,
+        defaults.digest_lock_timeout_seconds,
+    ) == (10.0, 3, 5, 100, 5.0)
+    custom = Settings.from_env(
+        {
+            **base,
+            "EMAIL_REQUEST_TIMEOUT_SECONDS": "2.5",
+            "EMAIL_MAX_RETRIES": "0",
+            "EMAIL_CIRCUIT_BREAKER_FAILURES": "3",
+            "EMAIL_BATCH_SIZE": "50",
+            "DIGEST_LOCK_TIMEOUT_SECONDS": "0.5",
+        }
+    )
+    assert (custom.email_request_timeout_seconds, custom.email_max_retries) == (2.5, 0)
+    assert (custom.email_circuit_breaker_failures, custom.email_batch_size) == (3, 50)
+    assert custom.digest_lock_timeout_seconds == 0.5
+    for name, bad in [
+        ("EMAIL_BATCH_SIZE", "101"),
+        ("EMAIL_BATCH_SIZE", "0"),
+        ("EMAIL_REQUEST_TIMEOUT_SECONDS", "0"),
+        ("EMAIL_CIRCUIT_BREAKER_FAILURES", "0"),
+        ("DIGEST_LOCK_TIMEOUT_SECONDS", "-1"),
+    ]:
+        with pytest.raises(SettingsError, match=name):
+            Settings.from_env({**base, name: bad})

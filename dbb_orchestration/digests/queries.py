@@ -49,11 +49,14 @@ __all__ = [
     "load_active_sources",
     "load_candidates",
     "load_content_hashes",
+    "load_digest_statuses",
     "load_document_counts",
     "load_generation_facts",
     "load_items",
     "load_last_sends",
     "load_latest_digests",
+    "load_marked_pending",
+    "load_pending_digests",
     "load_review_states",
     "load_user_batch",
     "lock_pending_digests",
@@ -348,15 +351,23 @@ def load_last_sends(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, d
     return {r.user_id: r.last for r in conn.execute(stmt).all() if r.last is not None}
 
 
-def lock_pending_digests(conn: sa.Connection, user_ids: Sequence[str], now: datetime) -> list[DigestRow]:
+def lock_pending_digests(
+    conn: sa.Connection, user_ids: Sequence[str], now: datetime, *, skip_locked: bool = False
+) -> list[DigestRow]:
     """Every pending digest (``scheduled`` or ``failed``, ``scheduled_for`` ≤ ``now``) of these users, rows
-    locked ``FOR UPDATE`` in id order on Postgres until the transaction ends (a concurrent sender of the
-    same digests waits here, then sees them ``sent``/``skipped`` and gets nothing). One statement. SQLite
-    has no row locks: a plain read."""
+    locked ``FOR UPDATE`` in id order on Postgres until the transaction ends. With ``skip_locked`` rows
+    another transaction holds are left out instead of waited on (compare with
+    :func:`load_pending_digests` to see whose rows were held). One statement. SQLite has no row locks:
+    a plain read."""
     if not user_ids:
         return []
+    stmt = _pending_select(conn, user_ids, now).with_for_update(of=t.note_digests, skip_locked=skip_locked)
+    return [_digest(r) for r in conn.execute(stmt).all()]
+
+
+def _pending_select(conn: sa.Connection, user_ids: Sequence[str], now: datetime) -> sa.Select[Any]:
     d = t.note_digests
-    stmt = (
+    return (
         sa.select(*_DIGEST_COLUMNS)
         .where(
             in_ids(conn, d.c.user_id, user_ids),
@@ -364,9 +375,7 @@ def lock_pending_digests(conn: sa.Connection, user_ids: Sequence[str], now: date
             d.c.scheduled_for <= now,
         )
         .order_by(d.c.id)
-        .with_for_update(of=d)
     )
-    return [_digest(r) for r in conn.execute(stmt).all()]
 
 
 def _aware_timestamp(conn: sa.Connection, column: sa.Column[Any]) -> sa.ColumnElement[Any]:
@@ -718,3 +727,32 @@ def find_first_digest_users(conn: sa.Connection, now: datetime, limit: int) -> l
         .limit(limit)
     )
     return [r.user_id for r in conn.execute(stmt).all()]
+
+
+def load_pending_digests(conn: sa.Connection, user_ids: Sequence[str], now: datetime) -> list[DigestRow]:
+    """:func:`lock_pending_digests` without any lock (never waits): one statement."""
+    if not user_ids:
+        return []
+    return [_digest(r) for r in conn.execute(_pending_select(conn, user_ids, now)).all()]
+
+
+def load_digest_statuses(conn: sa.Connection, digest_ids: Sequence[int]) -> dict[int, tuple[str, Any]]:
+    """``(status, payload_json)`` per digest id (a plain read, one statement); unknown ids are absent."""
+    if not digest_ids:
+        return {}
+    d = t.note_digests
+    stmt = sa.select(d.c.id, d.c.status, d.c.payload_json).where(in_ids(conn, d.c.id, list(digest_ids)))
+    return {r.id: (r.status, r.payload_json) for r in conn.execute(stmt).all()}
+
+
+def load_marked_pending(conn: sa.Connection, user_ids: Sequence[str]) -> list[tuple[str, Any]]:
+    """``(user_id, payload_json)`` of these users' pending digests whose payload carries a
+    ``delivery.batch_key`` (handed to the provider, outcome not recorded): one statement."""
+    if not user_ids:
+        return []
+    d = t.note_digests
+    key = d.c.payload_json["delivery"]["batch_key"].as_string()
+    stmt = sa.select(d.c.user_id, d.c.payload_json).where(
+        in_ids(conn, d.c.user_id, user_ids), d.c.status.in_(PENDING_STATUSES), key.is_not(None)
+    )
+    return [(r.user_id, r.payload_json) for r in conn.execute(stmt).all()]

@@ -1,65 +1,37 @@
-"""Digest sending, the second half of every hourly run (SPEC §6), and the first-digest send (§7).
+"""Digest sending, the second half of every hourly run (docs/behaviour.md §6), and the first-digest
+send (§7): the pure rules and the email of one digest.
 
-Per batch of verified users (keyset pagination by user id, ``Settings.digest_batch_size``), in ONE
-transaction and a fixed number of statements:
-
-1. users + settings + Pro flag; last send per user — then the pure due check (:func:`due_check`);
-2. **claim**: every pending digest of the due users, ``SELECT … FOR UPDATE`` (Postgres) — then the pure
-   choice of the newest one and the older ``scheduled`` ones it supersedes (:func:`choose_pending`);
-3. the chosen digests' items with title, stored content and source; for first digests the user's
-   active source and note count;
-4. rendering and provider calls on a thread pool (``email_max_concurrency`` workers, the sender's own
-   rate limiter), idempotency key ``note-digest-<id>``;
-5. one multi-row upsert of the review states of every sent item and one multi-row update of every
-   digest touched (sent / failed / skipped ``empty_snapshot`` / skipped superseded), guarded by
-   ``status IN ('scheduled', 'failed')``; commit.
-
-**Exactly once.** (a) *Claim*: the row locks of step 2 are held until the batch commits, so a second
-run of the same hour (or a first-digest run for the same user) blocks on them and, once the first
-commits, re-reads them as ``sent``/``skipped`` and sends nothing — it never even calls the provider.
-(b) *Provider idempotency*: every attempt for a digest uses the same key, so when a process dies after
-Resend accepted an email and before the commit (the whole batch's writes then roll back and the locks
-are released), the rerun's call returns the first email's id and nothing is delivered twice; if the
-rerun's body differs (a title changed meanwhile), Resend answers 409 ``invalid_idempotent_request``,
-which equally proves the email went out, so the digest is recorded ``sent`` without a provider id.
-(c) The final update's status guard makes sure only one run records a digest. SQLite has no row locks
-(local runs and tests only): there (b) and (c) alone keep a digest to one delivery.
+This module holds what is decided per user — :func:`due_check`, :func:`choose_pending`,
+:func:`review_interval`, :func:`build_email` (the email and its key ``note-digest-<id>`` and tags) —
+and :func:`send_due_digests`, the entry point of the hourly and first-digest ops. The engine that runs
+them — per-user claims, no transaction or row lock across a provider call, Resend batches under
+recorded keys, bounded time, exactly-once recording — is :mod:`dbb_orchestration.digests.delivery`,
+whose docstring explains the claims and the crash cases.
 
 **Isolation.** A user's bad data never stops the others: an invalid timezone falls back to UTC, an
 invalid send hour makes the user never due, an undecodable note shows as empty content, a render or
-provider error marks that digest ``failed`` (with ``error_json``) for a later run to retry; each is
-counted in the report. Only database errors (and a process kill) abort the batch.
+provider error marks that digest ``failed`` (with a scrubbed ``error_json``) for a later run to
+retry; each is counted in the report. Only database errors, an unavailable provider (after recording)
+and a process kill abort the run.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 
 from dbb_orchestration.config import Settings
 from dbb_orchestration.content import ContentKeyring, decode_content
-from dbb_orchestration.db import tables as t
-from dbb_orchestration.digests.generate import UserPlan, user_plan
+from dbb_orchestration.digests.generate import UserPlan
 from dbb_orchestration.digests.queries import (
-    PENDING_STATUSES,
     DigestRow,
     ItemRow,
     UserRow,
-    insert_many,
-    load_active_sources,
-    load_document_counts,
-    load_items,
-    load_last_sends,
-    load_review_states,
-    load_user_batch,
-    lock_pending_digests,
-    update_many,
 )
 from dbb_orchestration.digests.render import (
     DigestEmailContext,
@@ -67,10 +39,10 @@ from dbb_orchestration.digests.render import (
     first_source_label,
     render_digest_email,
 )
-from dbb_orchestration.email.sender import EmailSender, EmailSendError, OutgoingEmail
+from dbb_orchestration.email.sender import EmailSender, OutgoingEmail
 from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
 from dbb_orchestration.plans import digest_timing_phrase
-from dbb_orchestration.timing import as_utc, due_decision, local_date
+from dbb_orchestration.timing import due_decision, local_date
 
 __all__ = [
     "DEFAULT_EASE_FACTOR",
@@ -201,6 +173,19 @@ def merge_payload(existing: Any, **extra: Any) -> dict[str, Any]:
     return {**base, **extra}
 
 
+# Keys a skip leaves on a digest's payload (ours or the backend's, which reuses a skipped digest as a
+# seed digest without touching its payload). A digest that is then sent must not keep them.
+SKIP_PAYLOAD_KEYS = ("reason", "superseded_by")
+
+
+def sent_payload(existing: Any, **extra: Any) -> dict[str, Any]:
+    """The payload of a digest being recorded ``sent``: :func:`merge_payload` without the skip keys."""
+    payload = merge_payload(existing, **extra)
+    for key in SKIP_PAYLOAD_KEYS:
+        payload.pop(key, None)
+    return payload
+
+
 @dataclass(frozen=True)
 class SendJob:
     """Everything needed to email one digest (no database access past this point)."""
@@ -281,7 +266,9 @@ class SendReport:
     provider_errors: Counter[str] = field(default_factory=Counter)  # by HTTP status ("network", "render")
     data_issues: Counter[str] = field(default_factory=Counter)
     failed_digest_ids: list[int] = field(default_factory=list)
-    batches: int = 0
+    batches: int = 0  # pages of users
+    requests: int = 0  # provider requests, retries included (a batch holds up to EMAIL_BATCH_SIZE digests)
+    provider_unavailable: int = 0  # recorded failed because the circuit breaker was open
 
     def metadata(self) -> dict[str, Any]:
         return {
@@ -301,80 +288,12 @@ class SendReport:
             "data_issues": dict(sorted(self.data_issues.items())),
             "failed_digest_ids": self.failed_digest_ids[:_FAILED_IDS_SHOWN],
             "batches": self.batches,
+            "provider_requests": self.requests,
+            "provider_unavailable": self.provider_unavailable,
         }
 
 
 # ------------------------------------------------------------------------------------------- the run
-
-
-@dataclass
-class _Delivery:
-    job: SendJob
-    outcome: Literal["sent", "duplicate", "failed"]
-    provider: str | None = None
-    provider_id: str | None = None
-    attempts: int = 0
-    accepted_at: datetime | None = None
-    error: dict[str, Any] | None = None
-    error_kind: str | None = None
-    issues: Counter[str] = field(default_factory=Counter)
-
-
-def _deliver(
-    job: SendJob,
-    sender: EmailSender,
-    settings: Settings,
-    clock: Callable[[], datetime],
-) -> _Delivery:
-    """Render and send one digest; provider and render errors become a ``failed`` delivery. Anything
-    that is not an ``Exception`` (a kill, KeyboardInterrupt) propagates and aborts the batch."""
-    try:
-        email, issues = build_email(
-            job,
-            settings.keyring,
-            settings.frontend_url,
-            settings.resend_reply_to,
-            settings.unsubscribe_secret,
-        )
-    except Exception as exc:
-        return _Delivery(
-            job,
-            "failed",
-            error={"stage": "render", "error": type(exc).__name__, "message": "rendering failed"},
-            error_kind="render",
-        )
-    try:
-        result = sender.send(email)
-    except EmailSendError as exc:
-        if exc.status == 409 and exc.name == DUPLICATE_KEY_ERROR:
-            return _Delivery(
-                job, "duplicate", provider=sender.provider, attempts=exc.attempts, accepted_at=clock()
-            )
-        return _Delivery(
-            job,
-            "failed",
-            attempts=exc.attempts,
-            error={"stage": "provider", **exc.as_json()},
-            error_kind=str(exc.status) if exc.status is not None else "network",
-            issues=issues,
-        )
-    except Exception as exc:
-        return _Delivery(
-            job,
-            "failed",
-            error={"stage": "provider", "error": type(exc).__name__, "message": "sender raised"},
-            error_kind="sender_error",
-            issues=issues,
-        )
-    return _Delivery(
-        job,
-        "sent",
-        provider=result.provider,
-        provider_id=result.provider_id,
-        attempts=result.attempts,
-        accepted_at=clock(),
-        issues=issues,
-    )
 
 
 def send_due_digests(
@@ -387,229 +306,25 @@ def send_due_digests(
     first_digest_bypass: bool = False,
 ) -> SendReport:
     """Send every due user's newest pending digest (SPEC §6) as of the logical time ``now`` (the
-    partition's hour for the hourly job). ``sent_at``/``updated_at`` and each attempt's timestamps come
-    from ``clock`` (default ``settings.now``: the real time); review scheduling uses ``now``.
+    partition's hour for the hourly job). ``sent_at``, ``updated_at`` and the review scheduling of the
+    sent items come from ``clock`` (default ``settings.now``: the real time) as read when the provider
+    accepted the email; ``now`` decides who is due and which digests are pending.
 
     ``only_user_id`` restricts the run to one user; ``first_digest_bypass`` makes a user who has never
     been sent a digest due whatever the hour (the first-digest job passes both). Which sender (Resend,
-    dry run) is the caller's choice. See the module docstring for claims and isolation.
+    dry run) is the caller's choice. The engine — claims, batches, bounded time, recording — is
+    :mod:`dbb_orchestration.digests.delivery`; it raises
+    :class:`~dbb_orchestration.digests.delivery.ProviderUnavailableError` (after recording every claimed
+    digest) when the provider is down.
     """
-    now = as_utc(now, "now")
-    real_clock = clock or settings.now
-    report = SendReport(logical_time=now, dry_run=sender.provider == "dry-run")
-    after: str | None = None
-    with ThreadPoolExecutor(max_workers=max(1, settings.email_max_concurrency)) as pool:
-        while True:
-            with engine.begin() as conn:
-                users = load_user_batch(
-                    conn,
-                    after=after,
-                    limit=settings.digest_batch_size,
-                    verified_only=True,
-                    only_user_id=only_user_id,
-                )
-                if not users:
-                    break
-                after = users[-1].id
-                report.batches += 1
-                claim = _claim_batch(
-                    conn, users, now, settings, first_digest_bypass, report, wall=real_clock()
-                )
-                deliveries = list(
-                    pool.map(lambda job: _deliver(job, sender, settings, real_clock), claim.jobs)
-                )
-                _record_batch(conn, deliveries, claim, now, real_clock, report)
-            if len(users) < settings.digest_batch_size:
-                break
-    return report
+    from dbb_orchestration.digests.delivery import deliver_due_digests  # the engine imports these rules
 
-
-@dataclass
-class _Claim:
-    jobs: list[SendJob]
-    updates: list[dict[str, Any]]  # digest updates already decided (empty snapshots)
-    older: dict[str, list[DigestRow]]  # per user: the scheduled digests superseded once the newest is sent
-
-
-def _claim_batch(
-    conn: sa.Connection,
-    users: Sequence[UserRow],
-    now: datetime,
-    settings: Settings,
-    first_digest_bypass: bool,
-    report: SendReport,
-    wall: datetime | None = None,
-) -> _Claim:
-    """Decide who is due, lock and choose their digests, load what the emails show."""
-    report.users_considered += len(users)
-    plans = {row.id: user_plan(row, settings.deployment_mode) for row in users}
-    rows = {row.id: row for row in users}
-    last_sends = load_last_sends(conn, list(plans))
-    checks: dict[str, DueCheck] = {}
-    for uid, plan in plans.items():
-        report.data_issues.update(plan.issues)
-        check = due_check(plan, last_sends.get(uid), now, first_digest_bypass=first_digest_bypass, wall=wall)
-        if check.reason == "invalid_send_hour":
-            report.data_issues["invalid_send_hour"] += 1
-        if check.due:
-            checks[uid] = check
-        else:
-            report.not_due[check.reason] += 1
-    report.due += len(checks)
-
-    by_user: dict[str, list[DigestRow]] = {}
-    for digest in lock_pending_digests(conn, list(checks), now):
-        by_user.setdefault(digest.user_id, []).append(digest)
-    chosen: dict[str, tuple[DigestRow, list[DigestRow]]] = {}
-    for uid in checks:
-        newest, older = choose_pending(by_user.get(uid, []))
-        if newest is None:
-            report.skipped[NO_PENDING] += 1
-        else:
-            chosen[uid] = (newest, older)
-
-    items = load_items(conn, [newest.id for newest, _ in chosen.values()])
-    updates: list[dict[str, Any]] = []
-    ready: dict[str, tuple[DigestRow, list[DigestRow]]] = {}
-    for uid, (newest, older) in chosen.items():
-        if items.get(newest.id):
-            ready[uid] = (newest, older)
-            continue
-        report.skipped[EMPTY_SNAPSHOT] += 1
-        updates.append(
-            _digest_update(newest, "skipped", merge_payload(newest.payload_json, reason=EMPTY_SNAPSHOT))
-        )
-    first_ids = [uid for uid in ready if checks[uid].first]
-    sources = load_active_sources(conn, first_ids)
-    counts = load_document_counts(conn, first_ids)
-    jobs = [
-        SendJob(
-            user=rows[uid],
-            plan=plans[uid],
-            digest=newest,
-            items=tuple(items[newest.id]),
-            first=checks[uid].first,
-            source=sources.get(uid),
-            total_notes=counts.get(uid, 0),
-        )
-        for uid, (newest, _older) in ready.items()
-    ]
-    return _Claim(jobs, updates, {uid: older for uid, (_newest, older) in ready.items()})
-
-
-def _digest_update(
-    digest: DigestRow,
-    status: str,
-    payload: dict[str, Any],
-    *,
-    sent_at: datetime | None = None,
-    error_json: Any = None,
-    keep_error: bool = True,
-) -> dict[str, Any]:
-    return {
-        "id": digest.id,
-        "status": status,
-        "sent_at": sent_at,
-        "payload_json": payload,
-        "error_json": digest.error_json if keep_error and error_json is None else error_json,
-    }
-
-
-def _record_batch(
-    conn: sa.Connection,
-    deliveries: Sequence[_Delivery],
-    claim: _Claim,
-    now: datetime,
-    clock: Callable[[], datetime],
-    report: SendReport,
-) -> None:
-    """Write the outcome of a batch: review states of sent items (one upsert) and every digest status
-    (one multi-row update guarded by the pending status)."""
-    updates, older_by_user = claim.updates, claim.older
-    delivered = [d for d in deliveries if d.outcome in ("sent", "duplicate")]
-    existing = load_review_states(conn, [item.document_id for d in delivered for item in d.job.items])
-    stamp = as_utc(clock(), "clock()")
-    review_rows: dict[int, dict[str, Any]] = {}
-    for d in deliveries:
-        report.data_issues.update(d.issues)
-        digest, key = d.job.digest, idempotency_key(d.job.digest.id)
-        if d.outcome == "failed":
-            report.failed += 1
-            report.failed_digest_ids.append(digest.id)
-            report.provider_errors[d.error_kind or "unknown"] += 1
-            payload = merge_payload(
-                digest.payload_json, idempotency_key=key, last_attempt_at=stamp.isoformat()
-            )
-            updates.append(_digest_update(digest, "failed", payload, error_json=d.error, keep_error=False))
-            continue
-        report.sent += 1
-        report.first_digests += int(d.job.first)
-        report.provider_duplicates += int(d.outcome == "duplicate")
-        payload = merge_payload(
-            digest.payload_json,
-            provider=d.provider,
-            provider_id=d.provider_id,
-            idempotency_key=key,
-            first_digest=d.job.first,
-            interval_days=d.job.plan.interval_days,
-        )
-        if d.outcome == "duplicate":
-            payload["provider_duplicate_key"] = True
-        updates.append(
-            _digest_update(digest, "sent", payload, sent_at=d.accepted_at or stamp, keep_error=False)
-        )
-        for older in older_by_user.get(d.job.user.id, []):
-            report.superseded += 1
-            updates.append(
-                _digest_update(
-                    older,
-                    "skipped",
-                    merge_payload(older.payload_json, reason=SUPERSEDED, superseded_by=digest.id),
-                )
-            )
-        for item in d.job.items:
-            interval = review_interval(
-                existing[item.document_id].interval_days if item.document_id in existing else None,
-                d.job.plan.interval_days,
-            )
-            review_rows[item.document_id] = {
-                "document_id": item.document_id,
-                "user_id": d.job.user.id,
-                "status": "new",
-                "interval_days": interval,
-                "last_sent_at": now,
-                "next_due_at": now + timedelta(days=interval),
-                "ease_factor": DEFAULT_EASE_FACTOR,
-                "repetitions": 0,
-                "updated_at": stamp,
-            }
-
-    rs = t.review_states
-
-    def upsert(stmt: Any) -> Any:
-        excluded = stmt.excluded
-        return stmt.on_conflict_do_update(
-            index_elements=[rs.c.document_id],
-            set_={
-                "interval_days": excluded.interval_days,
-                "last_sent_at": excluded.last_sent_at,
-                "next_due_at": excluded.next_due_at,
-                "ease_factor": sa.func.coalesce(rs.c.ease_factor, excluded.ease_factor),
-                "repetitions": sa.func.coalesce(rs.c.repetitions, excluded.repetitions),
-                "updated_at": excluded.updated_at,
-            },
-        )
-
-    insert_many(conn, rs, list(review_rows.values()), on_conflict=upsert)
-    for row in updates:
-        row["updated_at"] = stamp
-    written = update_many(
-        conn,
-        t.note_digests,
-        updates,
-        where=t.note_digests.c.status.in_(PENDING_STATUSES),
-        returning=(t.note_digests.c.id,),
+    return deliver_due_digests(
+        engine,
+        sender,
+        settings,
+        now,
+        clock=clock,
+        only_user_id=only_user_id,
+        first_digest_bypass=first_digest_bypass,
     )
-    missed = len(updates) - len(written)
-    if missed:
-        report.skipped["already_recorded_elsewhere"] += missed

@@ -44,8 +44,8 @@ from dbb_orchestration.notion_sync.sync import (
     summarize_runs,
     sync_connection,
 )
-from dbb_orchestration.operations.failure_sensor import scrub
 from dbb_orchestration.plans import DeploymentMode
+from dbb_orchestration.redaction import scrub
 from dbb_orchestration.resources import DatabaseResource, SettingsResource
 
 __all__ = [

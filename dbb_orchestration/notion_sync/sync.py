@@ -83,8 +83,8 @@ from dbb_orchestration.notion_sync.targets import (
     find_sync_targets,
     load_connection,
 )
-from dbb_orchestration.operations.failure_sensor import scrub
 from dbb_orchestration.plans import DeploymentMode
+from dbb_orchestration.redaction import scrub
 
 __all__ = [
     "ABANDONED_RUN_AGE",

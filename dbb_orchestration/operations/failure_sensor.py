@@ -3,8 +3,8 @@
 The record carries the job, partition, run id and a short error summary saying why: for each failed
 step, the message of the exception the op raised (not its innermost cause); for a run killed or marked
 failed from outside (no failed step), run monitoring's verdict or the run's latest engine event that
-names a cause (the worker's exit code or signal). Messages are scrubbed of
-anything that looks like an email address or a token before they leave the process, and note text
+names a cause (the worker's exit code or signal). Messages go through
+:func:`dbb_orchestration.redaction.scrub` (addresses, keys, tokens) before they leave the process, and note text
 never reaches an error message in this code base (errors carry ids and counts).
 """
 
@@ -17,19 +17,19 @@ from typing import Any
 
 import dagster as dg
 
+from dbb_orchestration.redaction import SUMMARY_LIMIT, scrub
 from dbb_orchestration.resources import SettingsResource
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-_SECRET = re.compile(r"\b(re_[A-Za-z0-9_]{6,}|secret_[A-Za-z0-9]{6,}|ntn_[A-Za-z0-9]{6,}|Bearer\s+\S+)")
-SUMMARY_LIMIT = 500
+__all__ = [
+    "FAILURE_TAG",
+    "SUMMARY_LIMIT",
+    "FailureRecord",
+    "failure_record",
+    "run_failure_alert_sensor",
+    "scrub",
+]
+
 FAILURE_TAG = "dbb/failure_summary"
-
-
-def scrub(text: str, limit: int = SUMMARY_LIMIT) -> str:
-    """Remove email addresses and token-looking strings; collapse whitespace; cut to ``limit``."""
-    text = _SECRET.sub("[redacted]", _EMAIL.sub("[email]", text or ""))
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from dbb_orchestration.automation import automation_skip_reason
 from dbb_orchestration.config import SettingsError
-from dbb_orchestration.operations.failure_sensor import scrub
+from dbb_orchestration.redaction import scrub
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
 from dbb_orchestration.sequences.discover import discover_upgrade_candidates
 from dbb_orchestration.sequences.due import PlannedRun, describe_tick, evaluate_tick, mapping_key

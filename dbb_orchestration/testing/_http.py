@@ -66,6 +66,12 @@ class HttpResponse:
     headers: dict[str, str] = field(default_factory=dict)
 
     @classmethod
+    def drop(cls) -> HttpResponse:
+        """No answer at all: the server closes the connection (the client sees a reset or its own
+        timeout)."""
+        return cls(0)
+
+    @classmethod
     def json(cls, status: int, payload: Any, headers: Mapping[str, str] | None = None) -> HttpResponse:
         all_headers = {"Content-Type": "application/json; charset=utf-8"}
         all_headers.update(headers or {})
@@ -125,6 +131,9 @@ class _Handler(BaseHTTPRequestHandler):
             response = HttpResponse.json(
                 500, {"name": "fake_server_error", "message": f"{type(exc).__name__}: {exc}"}
             )
+        if response.status == 0:  # HttpResponse.drop(): close without answering (a hung request)
+            self.close_connection = True
+            return
         self.send_response(response.status)
         for key, value in response.headers.items():
             self.send_header(key, value)

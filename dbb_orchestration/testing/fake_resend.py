@@ -12,8 +12,13 @@ Endpoints (JSON in, JSON out, ``Content-Type: application/json``):
 
 * ``POST /emails`` — Resend's send body (``from``, ``to`` str or list, ``subject``, ``html``, ``text``,
   ``cc``, ``bcc``, ``reply_to``, ``tags`` ``[{name, value}]``, ``headers`` …) → 200 ``{"id": <uuid>}``.
-* ``POST /emails/batch`` — a list of such bodies (at most 100) → 200 ``{"data": [{"id": …}, …]}``;
-  one invalid email rejects the whole batch (Resend's default "strict" validation).
+* ``POST /emails/batch`` — a list of such bodies (at most 100) → 200 ``{"data": [{"id": …}, …]}``,
+  ids in request order. Validation follows the ``x-batch-validation`` header (the SDK's
+  ``batch_validation`` option): ``strict`` (the default) rejects the whole batch when one email is
+  invalid; ``permissive`` sends the valid ones and answers ``{"data": [ids of the accepted emails, in
+  order], "errors": [{"index": i, "message": …}, …]}``. The batch's ``Idempotency-Key`` covers the
+  whole list: the same key and the same list → the first answer again (nothing new delivered); the
+  same key and a different list → 409 ``invalid_idempotent_request``.
 * ``GET /emails/{id}`` — the accepted email as an ``{"object": "email", …}`` record, 404 when unknown.
 
 Behaviour copied from the real service (errors are ``{"statusCode", "name", "message"}``):
@@ -29,8 +34,16 @@ Behaviour copied from the real service (errors are ``{"statusCode", "name", "mes
   the same key with a different body → 409 ``invalid_idempotent_request``; the same key while the
   first request is still being processed (see :meth:`FakeResend.set_delay`) → 409
   ``concurrent_idempotent_requests``. Keys never expire (Resend keeps them 24 h).
-* Optional rate limit (``rate_limit_per_second``): over it → 429 ``rate_limit_exceeded`` with
-  ``retry-after: 1`` and ``ratelimit-*`` headers.
+* Optional team-wide rate limit (``rate_limit_per_second``, a token bucket over every request, burst
+  ``rate_limit_burst`` default the rate): over it → 429 ``rate_limit_exceeded`` with ``retry-after: 1``
+  and ``ratelimit-*`` headers, counted in :attr:`FakeResend.rate_limited`.
+* Suppressed recipients (:meth:`FakeResend.suppress`): an email to one is refused with Resend's
+  message "The address … is on the suppression list" — a 422 for ``/emails`` and a strict batch, a
+  per-email error in a permissive batch.
+* Hang mode (:meth:`FakeResend.set_hang`): requests are accepted and never answered (each is held
+  until hang mode ends or the fake stops, then the connection is closed without a response), counted
+  in :attr:`FakeResend.hung_requests`: what a provider that "accepts connections and never answers"
+  looks like to a client.
 
 What the resend SDK 2.52 makes of these (verified by the contract tests): every non-2xx raises a
 ``resend.exceptions.ResendError`` subclass whose ``.code`` is the HTTP status as an ``int``,
@@ -305,6 +318,11 @@ class FakeResend(LoopbackServer):
         self._delay = 0.0
         self._number = 0
         self._bucket = self._new_bucket()
+        self._rate_limited = 0
+        self._hung = 0
+        self._release = threading.Event()
+        self._release.set()
+        self._suppressed: set[str] = set()
 
     def _new_bucket(self) -> TokenBucket | None:
         if not self.rate_limit_per_second:
@@ -328,6 +346,44 @@ class FakeResend(LoopbackServer):
         """Every HTTP request received, failed ones included."""
         with self._lock:
             return len(self._requests)
+
+    @property
+    def rate_limited(self) -> int:
+        """429s answered because of the rate limit (injected faults not included)."""
+        with self._lock:
+            return self._rate_limited
+
+    @property
+    def hung_requests(self) -> int:
+        """Requests received while hang mode was on (none of them was answered)."""
+        with self._lock:
+            return self._hung
+
+    def suppress(self, address: str) -> None:
+        """Refuse every later email to ``address`` (see the module docstring)."""
+        with self._lock:
+            self._suppressed.add(_bare(address))
+
+    def _check_suppressed(self, body: Any) -> None:
+        if not isinstance(body, dict):
+            return
+        with self._lock:
+            suppressed = set(self._suppressed)
+        for address in _as_list(body.get("to")):
+            if _bare(address) in suppressed:
+                raise _Reject(422, "validation_error", f"The address {address} is on the suppression list.")
+
+    def set_hang(self, on: bool = True) -> None:
+        """Hang mode on: every later request is held without an answer; off: held requests are dropped
+        (connection closed, no response) and new ones are served normally."""
+        if on:
+            self._release.clear()
+        else:
+            self._release.set()
+
+    def stop(self) -> None:
+        self._release.set()
+        super().stop()
 
     @property
     def in_flight_keys(self) -> list[str]:
@@ -355,6 +411,9 @@ class FakeResend(LoopbackServer):
             self._faults.clear()
             self._delay = 0.0
             self._bucket = self._new_bucket()
+            self._rate_limited = 0
+            self._hung = 0
+        self._release.set()
 
     def fail_next(
         self,
@@ -396,7 +455,14 @@ class FakeResend(LoopbackServer):
         ok, body = parse_json_body(request.body)
         key = request.header("Idempotency-Key")
         token = request.bearer_token()
-        response = self._respond(request, ok, body, key, token)
+        if not self._release.is_set():
+            with self._lock:
+                self._hung += 1
+            self._release.wait()
+            response = HttpResponse.drop()
+        else:
+            permissive = (request.header("x-batch-validation") or "").strip().lower() == "permissive"
+            response = self._respond(request, ok, body, key, token, permissive)
         with self._lock:
             self._requests.append(
                 ResendRequest(request.method, request.path, body, key, token, response.status, arrived)
@@ -404,7 +470,13 @@ class FakeResend(LoopbackServer):
         return response
 
     def _respond(
-        self, request: HttpRequest, ok: bool, body: Any, key: str | None, token: str | None
+        self,
+        request: HttpRequest,
+        ok: bool,
+        body: Any,
+        key: str | None,
+        token: str | None,
+        permissive: bool = False,
     ) -> HttpResponse:
         with self._lock:
             delay = self._delay
@@ -414,7 +486,9 @@ class FakeResend(LoopbackServer):
         if refusal is None and request.method == "POST" and path in ("/emails", "/emails/batch"):
             # a send spends its delay between reserving the idempotency key and recording the email,
             # so a second request with the same key meanwhile sees it in flight
-            return self._send(ok, body, key, batch=path == "/emails/batch", delay=delay)
+            return self._send(
+                ok, body, key, batch=path == "/emails/batch", delay=delay, permissive=permissive
+            )
         if delay:
             time.sleep(delay)
         if refusal is not None:
@@ -437,6 +511,7 @@ class FakeResend(LoopbackServer):
             return _error(401, "validation_error", "API key is invalid")
         with self._lock:
             limited = self._bucket is not None and not self._bucket.try_acquire()
+            self._rate_limited += int(limited)
         if limited:
             return _error(
                 429,
@@ -465,9 +540,17 @@ class FakeResend(LoopbackServer):
             headers["retry-after"] = str(retry_after)
         return headers
 
-    def _send(self, ok: bool, body: Any, key: str | None, *, batch: bool, delay: float) -> HttpResponse:
+    def _send(
+        self, ok: bool, body: Any, key: str | None, *, batch: bool, delay: float, permissive: bool = False
+    ) -> HttpResponse:
         """Validate, apply idempotency and record; sleeps ``delay`` once (after reserving a new key)."""
-        refusal = self._validate(ok, body, key, batch=batch)
+        refusal = self._validate(ok, body, key, batch=batch, permissive=permissive)
+        if refusal is None and not (batch and permissive):
+            try:
+                for item in body if batch else [body]:
+                    self._check_suppressed(item)
+            except _Reject as exc:
+                refusal = _error(exc.status, exc.name, exc.message)
         if refusal is not None:
             time.sleep(delay)
             return refusal
@@ -497,6 +580,11 @@ class FakeResend(LoopbackServer):
         time.sleep(delay)
 
         items: list[dict[str, Any]] = body if batch else [body]
+        errors: list[dict[str, Any]] = []
+        if batch and permissive:
+            errors = _batch_errors(items, self._check_suppressed)
+            rejected = {e["index"] for e in errors}
+            items = [item for i, item in enumerate(items) if i not in rejected]
         received_at = self._clock()
         with self._lock:
             deliveries = []
@@ -514,6 +602,8 @@ class FakeResend(LoopbackServer):
             response: dict[str, Any] = (
                 {"data": [{"id": d.id} for d in deliveries]} if batch else {"id": deliveries[0].id}
             )
+            if batch and permissive:
+                response["errors"] = errors
             if key is not None:
                 self._idempotency[key] = _IdempotencyEntry(fingerprint, response)
             if self.outbox_dir is not None:
@@ -522,7 +612,9 @@ class FakeResend(LoopbackServer):
         return HttpResponse.json(200, response)
 
     @staticmethod
-    def _validate(ok: bool, body: Any, key: str | None, *, batch: bool) -> HttpResponse | None:
+    def _validate(
+        ok: bool, body: Any, key: str | None, *, batch: bool, permissive: bool = False
+    ) -> HttpResponse | None:
         if not ok:
             return _error(400, "validation_error", "The request body is not valid JSON.")
         if key is not None and not (1 <= len(key) <= MAX_IDEMPOTENCY_KEY):
@@ -539,8 +631,9 @@ class FakeResend(LoopbackServer):
                     )
                 if len(body) > MAX_BATCH:
                     raise _Reject(422, "validation_error", f"A batch holds at most {MAX_BATCH} emails.")
-                for item in body:
-                    validate_email_payload(item)
+                if not permissive:  # permissive: per-email errors in the answer (see _batch_errors)
+                    for item in body:
+                        validate_email_payload(item)
             else:
                 validate_email_payload(body)
         except _Reject as exc:
@@ -569,6 +662,18 @@ class FakeResend(LoopbackServer):
             "tags": payload.get("tags") or [],
         }
         return HttpResponse.json(200, record)
+
+
+def _batch_errors(items: list[Any], extra: Callable[[Any], None]) -> list[dict[str, Any]]:
+    """Permissive batch validation: ``{"index", "message"}`` for every invalid email, in order."""
+    errors = []
+    for index, item in enumerate(items):
+        try:
+            validate_email_payload(item)
+            extra(item)
+        except _Reject as exc:
+            errors.append({"index": index, "message": exc.message})
+    return errors
 
 
 def _bare(address: str) -> str:

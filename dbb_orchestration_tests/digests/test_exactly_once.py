@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -14,7 +15,7 @@ from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.digests.generate import generate_digests
 from dbb_orchestration.digests.send import SendReport, send_due_digests
-from dbb_orchestration.email.sender import OutgoingEmail, ResendSender, SendResult
+from dbb_orchestration.email.sender import BatchResult, OutgoingEmail, ResendSender, SendResult
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
 from dbb_orchestration_tests.conftest import resend_sender
@@ -43,6 +44,12 @@ def user_with_pending(conn: sa.Connection, uid: str, notes: int = 2) -> int:
 def statuses(engine: sa.Engine) -> dict[int, str]:
     with engine.connect() as conn:
         return dict(conn.execute(sa.select(t.note_digests.c.id, t.note_digests.c.status)).all())
+
+
+def provider_ids(engine: sa.Engine) -> dict[int, str | None]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(t.note_digests.c.id, t.note_digests.c.payload_json)).all()
+    return {r.id: (r.payload_json or {}).get("provider_id") for r in rows}
 
 
 def require_postgres(engine: sa.Engine) -> None:
@@ -75,12 +82,14 @@ def test_two_concurrent_runs_of_the_same_hour_send_each_digest_once(
     for th in threads:
         th.join(timeout=60)
     assert not errors
-    assert sorted(r.sent for r in reports) == [0, 6]  # one run claimed everything, the other waited
+    assert sorted(r.sent for r in reports) == [0, 6]  # one run claimed everything
+    loser = next(r for r in reports if r.sent == 0)
+    # the loser skipped the users claimed by the winner, or found them already sent: never waited
+    assert loser.skipped["claimed_elsewhere"] + loser.not_due["already_sent_today"] == 6
     assert len(fake_resend.sent) == 6
-    assert fake_resend.requests_count == 6  # the loser never even called the provider
-    assert sorted(d.idempotency_key or "" for d in fake_resend.sent) == sorted(
-        f"note-digest-{i}" for i in ids
-    )
+    assert fake_resend.requests_count == 1  # one batch request; the loser never called the provider
+    assert sorted(provider_ids(engine).values()) == sorted(d.id for d in fake_resend.sent)
+    assert set(provider_ids(engine)) == set(ids)
     assert set(statuses(engine).values()) == {"sent"}
 
 
@@ -118,7 +127,8 @@ class SimulatedKill(BaseException):
 
 
 class KilledAfterAccept:
-    """Delivers through the real sender, then 'dies' before the caller can record anything."""
+    """Delivers through the real sender, then 'dies' before the caller can record anything (after the
+    ``after``-th provider call, single or batch)."""
 
     def __init__(self, inner: ResendSender, after: int) -> None:
         self.inner = inner
@@ -127,12 +137,20 @@ class KilledAfterAccept:
         self.calls = 0
         self._lock = threading.Lock()
 
-    def send(self, email: OutgoingEmail) -> SendResult:
-        result = self.inner.send(email)
+    def _count(self) -> None:
         with self._lock:
             self.calls += 1
             if self.calls >= self.after:
                 raise SimulatedKill()
+
+    def send(self, email: OutgoingEmail) -> SendResult:
+        result = self.inner.send(email)
+        self._count()
+        return result
+
+    def send_batch(self, emails: Sequence[OutgoingEmail], idempotency_key: str) -> BatchResult:
+        result = self.inner.send_batch(emails, idempotency_key)
+        self._count()
         return result
 
 
@@ -141,7 +159,7 @@ def test_killed_after_the_provider_accepted_then_rerun_sends_nothing_new(
 ) -> None:
     with engine.begin() as conn:
         ids = [user_with_pending(conn, f"u{n}") for n in range(3)]
-    s = settings_for(engine, keyring=KEYRING, email_max_concurrency=1)
+    s = settings_for(engine, keyring=KEYRING, email_max_concurrency=1, email_batch_size=1)
     dying = KilledAfterAccept(resend_sender(fake_resend), after=2)
     with pytest.raises(SimulatedKill):
         send_due_digests(engine, dying, s, NOW, clock)
@@ -161,11 +179,11 @@ def test_killed_after_the_provider_accepted_then_rerun_sends_nothing_new(
     with engine.connect() as conn:
         rows = conn.execute(
             sa.select(t.note_digests.c.id, t.note_digests.c.status, t.note_digests.c.payload_json)
-        )
-        for row in rows:
-            assert row.status == "sent"
-            assert row.payload_json["provider_id"] == by_key[f"note-digest-{row.id}"]
-    assert sorted(k or "" for k in by_key) == sorted(f"note-digest-{i}" for i in ids)
+        ).all()
+    for row in rows:
+        assert row.status == "sent"
+        assert row.payload_json["provider_id"] == by_key[row.payload_json["delivery"]["batch_key"]]
+    assert sorted(r.id for r in rows) == sorted(ids)
 
 
 def test_rerun_with_a_changed_body_is_recorded_sent_without_a_second_email(
@@ -237,7 +255,7 @@ def test_a_failing_user_does_not_stop_the_batch_and_is_retried_later(
 ) -> None:
     with engine.begin() as conn:
         ids = [user_with_pending(conn, f"u{n}") for n in range(3)]
-    s = settings_for(engine, keyring=KEYRING, email_max_concurrency=1)
+    s = settings_for(engine, keyring=KEYRING, email_max_concurrency=1, email_batch_size=1)
     fake_resend.fail_next(status=500, count=4)  # the first user's call and its three retries
     first = send_due_digests(engine, resend_sender(fake_resend), s, NOW, clock)
     assert (first.sent, first.failed, first.failed_digest_ids) == (2, 1, [ids[0]])

@@ -111,6 +111,9 @@ def test_sends_the_newest_pending_digest_and_records_everything(engine: sa.Engin
         assert row.payload_json["provider_id"] == "mem-1"
         assert row.payload_json["idempotency_key"] == f"note-digest-{newest}"
         assert row.payload_json["source"] == "daily_job"  # the existing payload is kept
+        marker = row.payload_json["delivery"]  # written before the provider call
+        assert marker["batch_key"] == sender.batch_keys[0] and marker["batch_index"] == 0
+        assert marker["batch_ids"] == [newest] and marker["prepared_at"] == REAL.isoformat()
         sup = digest_row(conn, older)
         assert sup.status == "skipped"
         assert sup.payload_json == {"reason": SUPERSEDED, "superseded_by": newest}
@@ -123,10 +126,11 @@ def test_sends_the_newest_pending_digest_and_records_everything(engine: sa.Engin
             2.1,
             3,
         )
-        assert kept.last_sent_at == NOW and kept.next_due_at == NOW + timedelta(days=12)
+        # review scheduling counts from when the provider accepted the email (the real clock)
+        assert kept.last_sent_at == REAL and kept.next_due_at == REAL + timedelta(days=12)
         fresh = review(conn, docs[1])
         assert (fresh.status, fresh.interval_days, fresh.ease_factor, fresh.repetitions) == ("new", 4, 2.5, 0)
-        assert fresh.user_id == "u1" and fresh.next_due_at == NOW + timedelta(days=4)
+        assert fresh.user_id == "u1" and fresh.next_due_at == REAL + timedelta(days=4)
         assert fresh.updated_at == REAL
 
 
@@ -305,7 +309,10 @@ def test_sending_statements_do_not_grow_with_users(engine: sa.Engine) -> None:
     few = run(2, "a")
     many = run(40, "b")
     assert few == many
-    assert many <= 12
+    # users, last sends, digests in flight, claim, lock_timeout, last sends again, pending (plain,
+    # skip-locked), items (2), sources, counts, batch keys; lock_timeout, review states, upsert,
+    # digests; release, unlock-all
+    assert many <= 19
 
 
 # -------------------------------------------------------------------------- through HTTP and the SDK
@@ -322,11 +329,12 @@ def test_http_retries_429_and_500_then_records_the_provider_id(
     report = send_due_digests(engine, resend_sender(fake_resend), settings_for(engine), NOW, clock)
     assert report.sent == 1
     (delivery,) = fake_resend.sent
-    assert delivery.idempotency_key == f"note-digest-{digest_id}"
     assert delivery.tags == {"category": "note_digest", "interval_days": "3"}
     assert fake_resend.requests_count == 4
     with engine.connect() as conn:
         row = digest_row(conn, digest_id)
+        assert delivery.idempotency_key == row.payload_json["delivery"]["batch_key"]
+        assert {r.idempotency_key for r in fake_resend.requests} == {delivery.idempotency_key}
         assert (row.status, row.payload_json["provider_id"], row.payload_json["provider"]) == (
             "sent",
             delivery.id,
@@ -341,7 +349,7 @@ def test_http_persistent_failure_is_recorded_as_failed(engine: sa.Engine, fake_r
         docs2 = make_user(conn, "u2")
         pending(conn, "u2", docs2)
     fake_resend.fail_next(status=500, count=4)  # the first call and its 3 retries
-    s = settings_for(engine, email_max_concurrency=1)
+    s = settings_for(engine, email_max_concurrency=1, email_batch_size=1)  # one request per user
     report = send_due_digests(engine, resend_sender(fake_resend), s, NOW, clock)
     assert (report.sent, report.failed) == (1, 1)  # the other user is still served
     assert [d.to for d in fake_resend.sent] == [["u2@example.test"]]
@@ -367,3 +375,18 @@ def test_sent_digest_items_are_never_changed(engine: sa.Engine) -> None:
         ).all()
         assert before == after and len(after) == 2
         assert [d.status for d in digests(conn, "u1")] == ["sent"]
+
+
+def test_a_reused_skipped_digest_that_is_sent_keeps_no_skip_reason(engine: sa.Engine) -> None:
+    """The backend reuses a skipped digest as the seed digest without touching its payload; once sent,
+    the digest must not still say why it was once skipped."""
+    with engine.begin() as conn:
+        docs = make_user(conn, "u1")
+        digest_id = pending(conn, "u1", docs, payload={"reason": "no_documents", "superseded_by": 7, "x": 1})
+    report = send_due_digests(engine, DryRunSender(), settings_for(engine), NOW, clock=clock)
+    assert report.sent == 1
+    with engine.connect() as conn:
+        row = digest_row(conn, digest_id)
+    assert row.status == "sent"
+    assert "reason" not in row.payload_json and "superseded_by" not in row.payload_json
+    assert row.payload_json["x"] == 1 and row.payload_json["idempotency_key"] == f"note-digest-{digest_id}"

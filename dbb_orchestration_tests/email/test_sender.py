@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from dbb_orchestration.email.sender import (
+    CircuitBreaker,
     DryRunSender,
     EmailSendError,
     OutgoingEmail,
+    ProviderUnavailable,
     RecordingSender,
     ResendSender,
     sanitize_tag,
@@ -144,3 +148,92 @@ def test_recording_sender_dedupes_and_fails_on_demand() -> None:
 )
 def test_sanitize_tag(raw: object, clean: str) -> None:
     assert sanitize_tag(raw) == clean
+
+
+# ------------------------------------------------------------------- batch, timeout, breaker, scrubbing
+
+
+def test_batch_maps_ids_and_per_email_errors_back_in_order(fake: FakeResend) -> None:
+    emails = [
+        _email(key="note-digest-1"),
+        OutgoingEmail(to="broken", subject="x", html="<p>x</p>", text="x", idempotency_key="note-digest-2"),
+        OutgoingEmail(
+            to="c@example.test",
+            subject="y",
+            html="<p>y</p>",
+            text="y",
+            idempotency_key="note-digest-3",
+            headers={"List-Unsubscribe": "<https://dbb.test/u>"},
+        ),
+    ]
+    result = _sender(fake).send_batch(emails, "note-digest-batch-abc")
+    first, second, third = result.items
+    assert [d.id for d in fake.sent] == [first.provider_id, third.provider_id]
+    assert second.provider_id is None and second.error is not None and "`to`" in second.error
+    assert fake.sent[1].headers == {"List-Unsubscribe": "<https://dbb.test/u>"}
+    assert {r.idempotency_key for r in fake.requests} == {"note-digest-batch-abc"}
+    again = _sender(fake).send_batch(emails, "note-digest-batch-abc")
+    assert again.items == result.items and len(fake.sent) == 2
+
+
+def test_headers_go_with_single_sends(fake: FakeResend) -> None:
+    email = OutgoingEmail(
+        to="a@example.test",
+        subject="s",
+        html="<p>h</p>",
+        text="t",
+        idempotency_key="k",
+        headers={"List-Unsubscribe-Post": "List-Unsubscribe=One-Click"},
+    )
+    _sender(fake).send(email)
+    assert fake.sent[0].headers == {"List-Unsubscribe-Post": "List-Unsubscribe=One-Click"}
+
+
+def test_a_hung_provider_times_out_and_the_breaker_stops_calling_it(fake: FakeResend) -> None:
+    fake.set_hang(True)
+    sender = _sender(fake, request_timeout=0.1, max_retries=5, breaker=CircuitBreaker(3))
+    with pytest.raises(ProviderUnavailable) as info:
+        sender.send(_email())
+    assert info.value.name == "provider_unavailable" and info.value.retryable
+    assert fake.hung_requests == 3  # three timed-out attempts, then the breaker opened
+    with pytest.raises(ProviderUnavailable):
+        sender.send_batch([_email(key="other")], "batch-key")
+    assert fake.hung_requests == 3  # an open breaker never calls the provider
+
+
+def test_a_4xx_answer_resets_the_breaker_count(fake: FakeResend) -> None:
+    breaker = CircuitBreaker(3)
+    sender = _sender(fake, max_retries=0, breaker=breaker)
+    for _ in range(2):
+        fake.fail_next(status=503)
+        with pytest.raises(EmailSendError):
+            sender.send(_email())
+    fake.fail_next(status=422, name="validation_error")
+    with pytest.raises(EmailSendError):
+        sender.send(_email())
+    assert breaker.consecutive == 0 and not breaker.is_open
+    assert sender.send(_email()).provider_id
+
+
+def test_provider_errors_carry_no_address_key_or_sdk_cause(fake: FakeResend) -> None:
+    fake.fail_next(
+        status=422,
+        name="validation_error",
+        message="The address ada@example.test is on the suppression list (key re_live_abcdef123)",
+    )
+    with pytest.raises(EmailSendError) as info:
+        _sender(fake).send(_email())
+    error = info.value
+    assert "ada@example.test" not in str(error) and "re_live_abcdef123" not in str(error)
+    assert "[email]" in str(error)
+    assert error.__cause__ is None and error.__context__ is None
+    assert "ada@example.test" not in json.dumps(error.as_json())
+
+
+def test_recording_sender_rejects_single_emails_of_a_batch() -> None:
+    sender = RecordingSender()
+    sender.reject("bad@example.test")
+    emails = [_email(key="a"), OutgoingEmail("bad@example.test", "s", "h", "t", "b")]
+    result = sender.send_batch(emails, "k")
+    assert result.items[0].provider_id == "mem-1" and result.items[1].error
+    assert [e.idempotency_key for e in sender.sent] == ["a"] and sender.batch_keys == ["k"]

@@ -379,3 +379,74 @@ def test_cli_serves_until_sigterm(tmp_path: Path, sdk: None) -> None:
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=10)
     assert code == 0
+
+
+# ------------------------------------------------------------------------------ batch, hang, rate limit
+
+
+def batch(items: list[dict[str, Any]], key: str | None = "batch-1", mode: str | None = "permissive") -> Any:
+    options: dict[str, Any] = {}
+    if key is not None:
+        options["idempotency_key"] = key
+    if mode is not None:
+        options["batch_validation"] = mode
+    return resend.Batch.send(items, options or None)  # type: ignore[arg-type]
+
+
+def test_permissive_batch_sends_the_valid_emails_and_reports_each_invalid_one(
+    fake: FakeResend, sdk: None
+) -> None:
+    items = [params(to="a@example.com"), params(to="not-an-address"), params(to="c@example.com")]
+    items.append(params(subject=""))
+    response = batch(items)
+
+    assert [d.to for d in fake.sent] == [["a@example.com"], ["c@example.com"]]
+    assert [item["id"] for item in response["data"]] == [d.id for d in fake.sent]
+    errors = response["errors"]
+    assert [e["index"] for e in errors] == [1, 3]
+    assert "`to`" in errors[0]["message"] and "`subject`" in errors[1]["message"]
+    assert {d.idempotency_key for d in fake.sent} == {"batch-1"}
+
+
+def test_strict_batch_rejects_everything_when_one_email_is_invalid(fake: FakeResend, sdk: None) -> None:
+    with pytest.raises(rex.ResendError) as caught:
+        batch([params(to="a@example.com"), params(to="nope")], mode=None)
+    assert caught.value.code == 422 and fake.sent == []
+
+
+def test_batch_key_replays_the_same_list_and_refuses_a_different_one(fake: FakeResend, sdk: None) -> None:
+    items = [params(to="a@example.com"), params(to="b@example.com")]
+    first = batch(items)
+    again = batch(items)
+    assert [i["id"] for i in again["data"]] == [i["id"] for i in first["data"]]
+    assert len(fake.sent) == 2
+    with pytest.raises(rex.ResendError) as caught:
+        batch([params(to="a@example.com"), params(to="b@example.com", subject="Changed")])
+    assert (caught.value.code, caught.value.error_type) == (409, "invalid_idempotent_request")
+    assert len(fake.sent) == 2
+    other = batch(items, key="batch-2")  # another key is another batch
+    assert len(fake.sent) == 4 and other["data"][0]["id"] != first["data"][0]["id"]
+
+
+def test_rate_limit_counts_every_429(sdk: None) -> None:
+    with FakeResend(rate_limit_per_second=0.01, rate_limit_burst=2) as limited:
+        resend.api_url = limited.base_url
+        batch([params()], key="a")
+        send(params(), key="b")
+        for key in ("c", "d"):
+            with pytest.raises(rex.RateLimitError) as caught:
+                batch([params()], key=key)
+            assert caught.value.headers["retry-after"] == "1"
+        assert limited.rate_limited == 2
+        assert [r.status for r in limited.requests] == [200, 200, 429, 429]
+
+
+def test_hang_mode_accepts_and_never_answers(fake: FakeResend, sdk: None) -> None:
+    import requests
+
+    fake.set_hang(True)
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(f"{fake.base_url}/emails", json=params(), timeout=0.2)
+    assert fake.hung_requests == 1 and fake.sent == []
+    fake.set_hang(False)
+    assert send(params())["id"] and len(fake.sent) == 1
