@@ -254,7 +254,7 @@ def seeded_user(shape: Shape, i: int) -> tuple[str, int, int, datetime | None]:
 
 def expected_rows_for_day(shape: Shape) -> dict[str, int]:
     """From the seed's parameters alone (no database): over the 24 hours of the partition's UTC day, the
-    users due at their send hour (the pure SPEC §4 rule), the never-sent users' local days touched (one
+    users due at their send hour (the pure behaviour §4 rule), the never-sent users' local days touched (one
     dashboard digest each), and what one digest per user per local day touched would be."""
     day0 = shape.hour.replace(hour=0, minute=0, second=0, microsecond=0)
     hours = [day0 + timedelta(hours=h) for h in range(24)]

@@ -1,4 +1,4 @@
-"""One typed settings object, read from an environment mapping (SPEC §12).
+"""One typed settings object, read from an environment mapping (behaviour §12).
 
 Nothing is read at import time: callers pass ``os.environ`` (or a dict in tests) to
 :meth:`Settings.from_env`. Every problem is raised as :class:`SettingsError` naming the variable,

@@ -1,4 +1,4 @@
-"""Note content at rest (SPEC §10): encryption keys, encoding, decoding and the content hash.
+"""Note content at rest (behaviour §10): encryption keys, encoding, decoding and the content hash.
 
 Formats of a ``documents`` row:
 

@@ -1,4 +1,4 @@
-"""Plan limits and deployment mode (SPEC §3), as pure functions.
+"""Plan limits and deployment mode (behaviour §3), as pure functions.
 
 Nothing here reads the environment or the database: callers pass the deployment mode (parsed once by
 the settings object) and the user's subscription statuses, and get numbers back.
@@ -149,7 +149,7 @@ def effective_notes_per_digest(requested: int | None, limits: PlanLimits) -> int
 
     ``None`` (no settings row) → :data:`DEFAULT_NOTES_PER_DIGEST` (5), then clamped. The lower bound is
     0, not 1: a stored 0 (or a negative value, which becomes 0) means an empty selection, and the
-    digest is then skipped with reason ``empty_selection`` (SPEC §5 step 7).
+    digest is then skipped with reason ``empty_selection`` (behaviour §5 step 7).
     """
     count = DEFAULT_NOTES_PER_DIGEST if requested is None else int(requested)
     return max(0, min(limits.max_notes_per_digest, count))
@@ -163,7 +163,7 @@ def interval_label(days: int) -> str:
 
 
 def digest_timing_phrase(interval_days: int) -> str:
-    """When the next digest arrives, in words (SPEC §9): ≤1 "tomorrow morning", ≤3 "in a few days",
+    """When the next digest arrives, in words (behaviour §9): ≤1 "tomorrow morning", ≤3 "in a few days",
     ≤7 "later this week", ≤14 "next week", otherwise "this month". Values ≤ 0 read as "tomorrow morning"."""
     if interval_days <= 1:
         return "tomorrow morning"

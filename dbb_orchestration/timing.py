@@ -1,4 +1,4 @@
-"""Per-user time rules (SPEC §4), as pure functions with an explicit ``now``.
+"""Per-user time rules (behaviour §4), as pure functions with an explicit ``now``.
 
 Every function here takes timezone-aware datetimes and raises ``ValueError`` naming the argument when
 given a naive one (a naive value would silently be read as the server's local time). Every datetime
@@ -206,7 +206,7 @@ def due_decision(
     last_sent_at: datetime | None,
     interval_days: int,
 ) -> DueDecision:
-    """SPEC §4 *Due*, checked in this order (the first failing check is the reason):
+    """behaviour §4 *Due*, checked in this order (the first failing check is the reason):
 
     1. ``invalid_send_hour`` — ``preferred_send_hour`` is not an int in 0..23;
     2. ``not_send_hour`` — the local hour of ``now`` is not the send hour;

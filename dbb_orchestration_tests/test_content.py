@@ -1,4 +1,4 @@
-"""Note content at rest (SPEC §10): keys, encoding, decoding, hashing."""
+"""Note content at rest (behaviour §10): keys, encoding, decoding, hashing."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Plan limits and deployment mode (SPEC §3)."""
+"""Plan limits and deployment mode (behaviour §3)."""
 
 from __future__ import annotations
 

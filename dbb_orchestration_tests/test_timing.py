@@ -1,4 +1,4 @@
-"""Per-user time rules (SPEC §4)."""
+"""Per-user time rules (behaviour §4)."""
 
 from __future__ import annotations
 

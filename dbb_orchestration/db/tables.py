@@ -1,4 +1,4 @@
-"""SQLAlchemy Core tables mirroring the backend's Postgres schema (SPEC §2, ``backend_schema.sql``).
+"""SQLAlchemy Core tables mirroring the backend's Postgres schema (behaviour §2, ``backend_schema.sql``).
 
 The backend owns this schema. These definitions let the code location query it, and let tests and
 local runs create it (``dbb-orchestration init-db``); production databases are never altered.

@@ -174,7 +174,7 @@ class DigestSendForUserConfig(dg.Config):
     name=SEND_FOR_USER_OP,
     pool="email_provider",
     retry_policy=_RETRY,
-    description="SPEC §6 for one user, the send hour bypassed when they have never been sent a digest.",
+    description="behaviour §6 for one user, the send hour bypassed when they have never been sent a digest.",
 )
 def send_digest_for_user(
     context: dg.OpExecutionContext,

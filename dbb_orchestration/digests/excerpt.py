@@ -1,4 +1,4 @@
-"""A note's markdown → the short list of content blocks shown in a digest email (SPEC §8).
+"""A note's markdown → the short list of content blocks shown in a digest email (behaviour §8).
 
 Steps, in order:
 

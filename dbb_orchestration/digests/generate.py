@@ -115,7 +115,7 @@ def _plan_kind(has_pro_subscription: bool, mode: DeploymentMode | str) -> tuple[
 
 
 def user_plan(row: UserRow, mode: DeploymentMode | str) -> UserPlan:
-    """Settings with SPEC §3–4 defaults for a user without a settings row (interval 7, 5 notes, UTC,
+    """Settings with behaviour §3–4 defaults for a user without a settings row (interval 7, 5 notes, UTC,
     8:00), clamped to the plan (self-hosted: everyone Pro). An invalid timezone falls back to UTC (see
     ``tz.error``); an invalid send hour is kept as is and later makes the user never due."""
     pro, limits = _plan_kind(row.has_pro_subscription, mode)

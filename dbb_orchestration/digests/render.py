@@ -1,4 +1,4 @@
-"""The digest email (SPEC §8): a :class:`DigestEmailContext` in, a :class:`RenderedEmail` out.
+"""The digest email (behaviour §8): a :class:`DigestEmailContext` in, a :class:`RenderedEmail` out.
 
 Rendering is pure: no database, no clock, no provider. Templates: ``digests/templates/digest.html`` and
 ``digest.txt`` on the shared layout (``email/templates/base.*``). Everything that comes from a note or a
@@ -109,7 +109,7 @@ def source_label(kind: str | None, name: str | None) -> str | None:
 
 
 def first_source_label(kind: str | None, name: str | None) -> str | None:
-    """The first digest's source wording (SPEC §8): ``obsidian`` → ``Obsidian``; ``notion`` + ``Study
+    """The first digest's source wording (behaviour §8): ``obsidian`` → ``Obsidian``; ``notion`` + ``Study
     Notes`` → ``Notion (Study Notes)`` (``Notion`` without a display name); another kind → capitalised;
     no kind → ``None`` (the email then says "your notes"). A display name that already names the kind
     is shown alone (``Notion Team Wiki``)."""

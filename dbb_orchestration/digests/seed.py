@@ -1,4 +1,4 @@
-"""The seed digest made right after a source's first sync (SPEC §7).
+"""The seed digest made right after a source's first sync (behaviour §7).
 
 :func:`create_seed_digest_if_needed` is called by the Notion sync (and mirrors what the backend does
 after an Obsidian push). The first-digest sensor then sends the digest at once
@@ -79,7 +79,7 @@ def create_seed_digest_if_needed(
     *,
     mode: DeploymentMode | str = DeploymentMode.CLOUD,
 ) -> SeedResult:
-    """Create (or reuse) the user's seed digest when SPEC §7 asks for one; runs in the caller's
+    """Create (or reuse) the user's seed digest when behaviour §7 asks for one; runs in the caller's
     transaction and commits nothing itself.
 
     A digest is made when the user has no digest yet, or their latest (by ``created_at``) is

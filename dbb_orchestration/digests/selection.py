@@ -1,4 +1,4 @@
-"""Which notes go into a digest: the spaced-repetition selection of SPEC §5, as pure functions.
+"""Which notes go into a digest: the spaced-repetition selection of behaviour §5, as pure functions.
 
 Everything here is deterministic: the same candidates, batch size, ``now`` and seed always give the same
 selection. All datetimes must be timezone-aware (naive ones raise ``ValueError``); day arithmetic is done
@@ -86,7 +86,7 @@ def clamp_weight(priority_weight: float | None) -> float:
 
 
 def base_score(next_due_at: datetime | None, now: datetime) -> tuple[int, Reason]:
-    """Base score and reason from ``next_due_at`` (SPEC §5 step 3).
+    """Base score and reason from ``next_due_at`` (behaviour §5 step 3).
 
     * ``None`` → (50, "new");
     * due at or before ``now`` → 100 + 3 × whole days overdue (floor, capped at 30), "overdue";
@@ -220,7 +220,7 @@ def select_notes(
     now: datetime,
     seed: str | None = None,
 ) -> Selection:
-    """Pick up to ``batch_size`` notes (SPEC §5 steps 1–7).
+    """Pick up to ``batch_size`` notes (behaviour §5 steps 1–7).
 
     1. ``suspended`` candidates and those with ``deprioritized_until`` later than ``now`` are reported in
        ``skipped`` (suspended wins when both apply), in input order.

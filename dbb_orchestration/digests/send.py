@@ -121,7 +121,7 @@ def due_check(
     first_digest_bypass: bool = False,
     wall: datetime | None = None,
 ) -> DueCheck:
-    """SPEC §4 *Due* for ``plan``'s timezone, send hour and effective interval. With
+    """behaviour §4 *Due* for ``plan``'s timezone, send hour and effective interval. With
     ``first_digest_bypass`` a user who has never been sent a digest is due at any hour (reason
     ``first_digest``); a user who has been sent one is checked normally.
 
@@ -305,7 +305,7 @@ def send_due_digests(
     only_user_id: str | None = None,
     first_digest_bypass: bool = False,
 ) -> SendReport:
-    """Send every due user's newest pending digest (SPEC §6) as of the logical time ``now`` (the
+    """Send every due user's newest pending digest (behaviour §6) as of the logical time ``now`` (the
     partition's hour for the hourly job). ``sent_at``, ``updated_at`` and the review scheduling of the
     sent items come from ``clock`` (default ``settings.now``: the real time) as read when the provider
     accepted the email; ``now`` decides who is due and which digests are pending.

@@ -1,4 +1,4 @@
-"""Weekly Notion sync (SPEC §11).
+"""Weekly Notion sync (behaviour §11).
 
 - ``markdown.py`` / ``pages.py``  blocks → markdown (byte-identical to the backend), titles, metadata (pure);
 - ``client.py``  the real notion-client with this code's pacing and retries, and ``NotionResource``;

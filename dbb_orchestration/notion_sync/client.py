@@ -1,9 +1,9 @@
-"""The Notion API as the weekly sync uses it: the real notion-client, paced and retried once (SPEC §11).
+"""The Notion API as the weekly sync uses it: the real notion-client, paced and retried once (behaviour §11).
 
 Retries are done here, not by the SDK. notion-client 3.1 retries 429 and 5xx on its own (2 retries, up to
 60 s apart, with random jitter), which would stack with ours (5 × 6 = 30 attempts) and sleep outside the
 rate limiter. :func:`make_sdk_client` therefore builds the client with ``retry=False`` and
-:class:`NotionApi` applies SPEC §11's policy itself, where it can also count attempts and pass every
+:class:`NotionApi` applies behaviour §11's policy itself, where it can also count attempts and pass every
 attempt through the connection's :class:`~dbb_orchestration.ratelimit.RateLimiter`:
 
 - 429 ``rate_limited``: wait ``Retry-After`` seconds as sent, bounded only by

@@ -1,4 +1,4 @@
-"""Dagster wiring for the weekly Notion sync (SPEC §11): a thin shell around ``sync.py``.
+"""Dagster wiring for the weekly Notion sync (behaviour §11): a thin shell around ``sync.py``.
 
 ``notion_sync_weekly_job`` (tag ``dbb/job=notion_sync``, in-process executor so connections run one
 after another, ``NOTION_CONNECTION_PAUSE_SECONDS`` apart):
@@ -123,7 +123,7 @@ def notion_sync_plan(
 
 
 def seed_hook(mode: DeploymentMode) -> SeedHook:
-    """SPEC §7 after a successful sync: :func:`create_seed_digest_if_needed` with the deployment mode."""
+    """behaviour §7 after a successful sync: :func:`create_seed_digest_if_needed` with the deployment mode."""
 
     def seed(conn: sa.Connection, user_id: str, now: datetime) -> SeedResult:
         return create_seed_digest_if_needed(conn, user_id, now, mode=mode)

@@ -1,4 +1,4 @@
-"""Reading a connection's Notion databases: the query, the cursor arithmetic and block trees (SPEC §11).
+"""Reading a connection's Notion databases: the query, the cursor arithmetic and block trees (behaviour §11).
 
 Cursor
 ------

@@ -1,4 +1,4 @@
-"""Storing what the Notion sync read (SPEC §11): decisions per page, document writes, sync bookkeeping.
+"""Storing what the Notion sync read (behaviour §11): decisions per page, document writes, sync bookkeeping.
 
 Decisions (pure)
 ----------------
@@ -27,7 +27,7 @@ One multi-row ``INSERT … ON CONFLICT (user_id, connection_id, external_id) DO 
 stale>`` per batch of pages, so a row the backend wrote meanwhile with a newer time is left alone even
 though the decision was made on an earlier read; ``RETURNING`` tells which rows were really written.
 Deletes are one ``executemany`` ``UPDATE`` guarded the same way. Content is encoded with the newest key
-(SPEC §10), or ``none`` without a key.
+(behaviour §10), or ``none`` without a key.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ def count_live_documents(conn: sa.Connection, user_id: str) -> int:
 
 
 def note_limit_for_user(conn: sa.Connection, user_id: str, mode: DeploymentMode | str) -> int | None:
-    """The user's ``max_notes`` (SPEC §3): self-hosted ``None`` (no cap); cloud 10,000 when any
+    """The user's ``max_notes`` (behaviour §3): self-hosted ``None`` (no cap); cloud 10,000 when any
     subscription is ``active``/``trialing``, else 500."""
     statuses = conn.execute(
         sa.select(t.billing_subscriptions.c.status).where(t.billing_subscriptions.c.user_id == user_id)

@@ -1,4 +1,4 @@
-"""Notion blocks → markdown, byte-identical to the backend's converter (SPEC §11, "Exactly:").
+"""Notion blocks → markdown, byte-identical to the backend's converter (behaviour §11, "Exactly:").
 
 The backend converts a page the same way when a user presses "sync now"; any difference in the
 output changes the content hash and makes the two writers overwrite each other. The rules below are

@@ -1,4 +1,4 @@
-"""Notion page helpers for the weekly sync (SPEC §11): title, property summary, metadata, skip rule, times.
+"""Notion page helpers for the weekly sync (behaviour §11): title, property summary, metadata, skip rule, times.
 
 All functions are pure and take page objects as the Notion API returns them (``pages.retrieve`` or a
 ``data_sources.query`` result).

@@ -1,4 +1,4 @@
-"""Lifecycle email sequences (SPEC §9): welcome, onboarding and upgrade.
+"""Lifecycle email sequences (behaviour §9): welcome, onboarding and upgrade.
 
 - ``steps.py``    the step table, due times, idempotency keys and tags (pure);
 - ``content.py``  the thirteen emails' copy and template values (pure) + ``templates/``;

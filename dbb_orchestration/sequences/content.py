@@ -1,4 +1,4 @@
-"""The thirteen sequence emails (SPEC §9): template values, subjects, previews and rendering.
+"""The thirteen sequence emails (behaviour §9): template values, subjects, previews and rendering.
 
 Rendering is pure: a :class:`SequenceEmailValues` (loaded for one user by ``process.load_user_facts``)
 and an email id (``welcome_1`` … ``upgrade_5``) in, a :class:`RenderedEmail` out. Templates live in
@@ -68,7 +68,7 @@ COMMUNITY_QUOTES: Final[tuple[tuple[str, str], ...]] = (
 
 @dataclass(frozen=True)
 class SequenceEmailValues:
-    """Everything a sequence email may show about one user (SPEC §9 template values).
+    """Everything a sequence email may show about one user (behaviour §9 template values).
 
     ``interval_days`` and ``notes_per_digest`` are the *effective* values (plan-clamped);
     ``source_kind``/``source_display_name`` describe the user's most recently created active connection

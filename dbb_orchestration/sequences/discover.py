@@ -1,4 +1,4 @@
-"""Enrolment into the ``upgrade`` sequence (SPEC §9, ``upgrade_sequence_discover_job``).
+"""Enrolment into the ``upgrade`` sequence (behaviour §9, ``upgrade_sequence_discover_job``).
 
 ONE statement inserts an ``upgrade`` state (step 1, ``active``, ``entered_at`` = the run's logical time)
 for every user with at least 4 ``sent`` digests, who is not Pro (no subscription ``active`` or

@@ -1,4 +1,4 @@
-"""Processing one sequence step of one user (SPEC §9), exactly once.
+"""Processing one sequence step of one user (behaviour §9), exactly once.
 
 :func:`process_step` is what ``email_sequence_step_job`` runs. In order:
 
@@ -207,7 +207,7 @@ class StepResult:
 def decide(
     ref: StepRef, state: StateRow | None, facts: UserFacts | None, *, now: datetime, billing: bool
 ) -> Decision:
-    """SPEC §9 checks 1–5 in order; the first that applies decides. Raises :class:`StepConfigError` when
+    """behaviour §9 checks 1–5 in order; the first that applies decides. Raises :class:`StepConfigError` when
     ``state`` belongs to another user or sequence than ``ref`` says. Naive ``now`` → ``ValueError``."""
     require_aware(now, "now")
     if state is None:

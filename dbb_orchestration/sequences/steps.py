@@ -1,4 +1,4 @@
-"""The sequence step table and its time rules (SPEC §9), as pure functions.
+"""The sequence step table and its time rules (behaviour §9), as pure functions.
 
 | sequence   | step 1            | step 2 | step 3 | step 4 | step 5 |
 |------------|-------------------|--------|--------|--------|--------|

@@ -1,4 +1,4 @@
-"""SPEC §8 note content rules: markdown → blocks, the 900-character budget, linkify."""
+"""behaviour §8 note content rules: markdown → blocks, the 900-character budget, linkify."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Digest generation (SPEC §5): who gets a digest, what it holds, idempotency, batching, statements."""
+"""Digest generation (behaviour §5): who gets a digest, what it holds, idempotency, batching, statements."""
 
 from __future__ import annotations
 

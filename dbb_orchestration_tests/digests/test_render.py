@@ -1,4 +1,4 @@
-"""The digest email (SPEC §8): subject, greeting, notes, first-digest extras, plain text, safety."""
+"""The digest email (behaviour §8): subject, greeting, notes, first-digest extras, plain text, safety."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The seed digest after a first sync (SPEC §7): create, reuse a skipped one, or leave alone."""
+"""The seed digest after a first sync (behaviour §7): create, reuse a skipped one, or leave alone."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SPEC §5 selection: every step with concrete numbers."""
+"""behaviour §5 selection: every step with concrete numbers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Digest sending (SPEC §6) and the first-digest send (§7) on SQLite and Postgres."""
+"""Digest sending (behaviour §6) and the first-digest send (§7) on SQLite and Postgres."""
 
 from __future__ import annotations
 

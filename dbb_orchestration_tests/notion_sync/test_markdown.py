@@ -1,4 +1,4 @@
-"""Notion blocks → markdown (SPEC §11 "Exactly:"): every expected string is written out by hand."""
+"""Notion blocks → markdown (behaviour §11 "Exactly:"): every expected string is written out by hand."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One step of one user (SPEC §9 "Processing one step"), on SQLite and on Postgres."""
+"""One step of one user (behaviour §9 "Processing one step"), on SQLite and on Postgres."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ PRO = SequenceEmailValues(
     source_display_name="Vault",
 )
 
-# The link each email exists to deliver (SPEC §9), written out independently of the code.
+# The link each email exists to deliver (behaviour §9), written out independently of the code.
 PRIMARY = {
     "welcome_1": "/onboarding/choose-source",
     "welcome_2": "/onboarding/choose-source",

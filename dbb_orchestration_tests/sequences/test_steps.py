@@ -1,4 +1,4 @@
-"""The step table and its time rules (SPEC §9), at the boundaries."""
+"""The step table and its time rules (behaviour §9), at the boundaries."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ ENTERED = datetime(2026, 3, 1, 9, 30, tzinfo=UTC)
 FIRST_DIGEST = datetime(2026, 3, 4, 8, 0, 12, tzinfo=UTC)
 US = timedelta(microseconds=1)
 
-# (sequence, step, hours after the anchor), written out from the SPEC table, not from STEPS.
+# (sequence, step, hours after the anchor), written out from the table in docs/behaviour.md §9, not from STEPS.
 TABLE = [
     ("welcome", 1, 1),
     ("welcome", 2, 48),
