@@ -64,6 +64,16 @@ def backend_lock(engine: sa.Engine, sql: str, **params: Any) -> Iterator[None]:
             txn.rollback()
 
 
+def wait_for_first_request(fake: FakeResend, limit: float = 10.0) -> None:
+    """Until the fake has a request in flight or an email accepted; at most ``limit`` seconds, so a run
+    that (wrongly) never calls the provider fails the test instead of hanging it."""
+    for _ in range(int(limit / 0.01)):
+        if fake.in_flight_keys or fake.sent:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("no provider request was made")
+
+
 def run_in_threads(*runs: Callable[[], SendReport]) -> list[SendReport]:
     reports: list[SendReport] = []
     errors: list[BaseException] = []
@@ -212,8 +222,7 @@ def test_the_hourly_run_and_a_first_digest_run_for_the_same_user_send_one_email(
 
     def first_digest() -> SendReport:
         started.wait()
-        while not fake_resend.in_flight_keys and not fake_resend.sent:
-            threading.Event().wait(0.01)
+        wait_for_first_request(fake_resend)
         return send_due_digests(
             engine, resend_sender(fake_resend), s, clock(), clock, only_user_id="u1", first_digest_bypass=True
         )
@@ -241,14 +250,15 @@ def test_overlapping_partitions_send_one_digest(engine: sa.Engine, fake_resend: 
     s = settings_for(engine, keyring=KEYRING)
 
     def real() -> datetime:
-        return today + timedelta(seconds=20)
+        # Before today's send hour by the location's clock: yesterday's missed hour is still the user's
+        # newest send hour (catch-up rule), so both partitions consider the user due and race.
+        return today - timedelta(minutes=1)
 
     def backfill() -> SendReport:
         return send_due_digests(engine, resend_sender(fake_resend), s, NOW, real)
 
     def current() -> SendReport:
-        while not fake_resend.in_flight_keys and not fake_resend.sent:
-            threading.Event().wait(0.01)
+        wait_for_first_request(fake_resend)
         return send_due_digests(engine, resend_sender(fake_resend), s, today, real)
 
     reports = run_in_threads(backfill, current)
