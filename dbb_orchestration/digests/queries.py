@@ -27,10 +27,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.sql.dml import Insert
 
+from dbb_orchestration.audience import has_pro_subscription_sql, latest_active_sources_select, sendable_sql
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.digests.selection import Candidate
-from dbb_orchestration.plans import PRO_SUBSCRIPTION_STATUSES
 
 __all__ = [
     "DIGEST_LOCK_KEY",
@@ -249,12 +249,7 @@ def load_user_batch(
     by id, joined with their settings and Pro flag: one statement. ``verified_only`` keeps users with a
     non-blank email and ``email_verified``; ``only_user_id`` restricts to that one user."""
     u, s = t.user, t.user_settings
-    b = t.billing_subscriptions
-    pro = (
-        sa.select(sa.literal(1))
-        .where(b.c.user_id == u.c.id, b.c.status.in_(sorted(PRO_SUBSCRIPTION_STATUSES)))
-        .exists()
-    )
+    pro = has_pro_subscription_sql(u.c.id)
     stmt = (
         sa.select(
             u.c.id,
@@ -277,7 +272,7 @@ def load_user_batch(
     if only_user_id is not None:
         stmt = stmt.where(u.c.id == only_user_id)
     if verified_only:
-        stmt = stmt.where(u.c.email_verified.is_(True), sa.func.length(sa.func.trim(u.c.email)) > 0)
+        stmt = stmt.where(sendable_sql(u))
     return [
         UserRow(
             id=r.id,
@@ -649,18 +644,7 @@ def load_active_sources(conn: sa.Connection, user_ids: Sequence[str]) -> dict[st
     statement (``ROW_NUMBER()``). Users without an active connection are absent."""
     if not user_ids:
         return {}
-    c = t.integration_connections
-    rn = (
-        sa.func.row_number()
-        .over(partition_by=c.c.user_id, order_by=(c.c.created_at.desc(), c.c.id.desc()))
-        .label("rn")
-    )
-    inner = (
-        sa.select(c.c.user_id, c.c.kind, c.c.display_name, rn)
-        .where(in_ids(conn, c.c.user_id, user_ids), c.c.status == "active")
-        .subquery()
-    )
-    stmt = sa.select(inner.c.user_id, inner.c.kind, inner.c.display_name).where(inner.c.rn == 1)
+    stmt = latest_active_sources_select(in_ids(conn, t.integration_connections.c.user_id, user_ids))
     return {r.user_id: (r.kind, r.display_name) for r in conn.execute(stmt).all()}
 
 
@@ -718,8 +702,7 @@ def find_first_digest_users(conn: sa.Connection, now: datetime, limit: int) -> l
         .where(
             d.c.status.in_(PENDING_STATUSES),
             d.c.scheduled_for <= now,
-            u.c.email_verified.is_(True),
-            sa.func.length(sa.func.trim(u.c.email)) > 0,
+            sendable_sql(u),
             ~sent,
         )
         .group_by(d.c.user_id)

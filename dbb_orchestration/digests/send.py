@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dbb_orchestration.audience import email_address
 from dbb_orchestration.config import Settings
 from dbb_orchestration.content import ContentKeyring, decode_content
 from dbb_orchestration.digests.generate import UserPlan
@@ -233,7 +234,7 @@ def build_email(
     )
     rendered = render_digest_email(ctx, frontend_url)
     email = OutgoingEmail(
-        to=(job.user.email or "").strip(),
+        to=email_address(job.user.email),
         subject=rendered.subject,
         html=rendered.html,
         text=rendered.text,

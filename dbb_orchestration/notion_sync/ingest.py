@@ -41,10 +41,11 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dbb_orchestration.audience import has_pro_subscription_sql, plan_for
 from dbb_orchestration.content import ContentKeyring, encode_content, storable_json, storable_text
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
-from dbb_orchestration.plans import DeploymentMode, is_pro, plan_limits
+from dbb_orchestration.plans import DeploymentMode
 
 __all__ = [
     "NOTE_LIMIT_REACHED",
@@ -237,10 +238,8 @@ def count_live_documents(conn: sa.Connection, user_id: str) -> int:
 def note_limit_for_user(conn: sa.Connection, user_id: str, mode: DeploymentMode | str) -> int | None:
     """The user's ``max_notes`` (behaviour §3): self-hosted ``None`` (no cap); cloud 10,000 when any
     subscription is ``active``/``trialing``, else 500."""
-    statuses = conn.execute(
-        sa.select(t.billing_subscriptions.c.status).where(t.billing_subscriptions.c.user_id == user_id)
-    ).scalars()
-    return plan_limits(is_pro(list(statuses), mode), mode).max_notes
+    has_pro = bool(conn.execute(sa.select(has_pro_subscription_sql(sa.literal(user_id)))).scalar_one())
+    return plan_for(has_pro, mode)[1].max_notes
 
 
 # --------------------------------------------------------------------------------------------------

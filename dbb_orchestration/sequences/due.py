@@ -51,6 +51,7 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 
+from dbb_orchestration.audience import sendable_sql
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.sequences.steps import STEPS, idempotency_key
@@ -88,7 +89,6 @@ JIT_OFF: Final = "SET LOCAL jit = off"
 CURSOR_VERSION: Final = 2
 _NOT_MAPPING: Final = re.compile(r"[^A-Za-z0-9]")
 _PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9-]*-[0-9]+")
-_BLANKS: Final = (" ", "\t", "\n", "\r")
 
 
 @dataclass(frozen=True)
@@ -156,14 +156,9 @@ def _due_query(now: datetime, limit: int) -> sa.Select[Any]:
     )
     is_due = sa.or_(active.c.current_step > last, active.c.anchor <= cutoff)
     # looked up by primary key for due rows only (a join would hash the whole user table)
-    # the step strips the address before sending; an address of blanks only is not sendable
-    stripped: sa.ColumnElement[Any] = u.c.email
-    for blank in _BLANKS:
-        stripped = sa.func.replace(stripped, blank, "")
+    # the very rule the step applies before sending (audience.is_sendable)
     sendable = (
-        sa.select(sa.case((sa.and_(u.c.email_verified.is_(sa.true()), stripped != ""), 1), else_=0))
-        .where(u.c.id == active.c.user_id)
-        .scalar_subquery()
+        sa.select(sa.case((sendable_sql(u), 1), else_=0)).where(u.c.id == active.c.user_id).scalar_subquery()
     )
     due = (
         sa.select(

@@ -48,18 +48,22 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from dbb_orchestration.audience import (
+    email_address,
+    has_pro_subscription_sql,
+    is_sendable,
+    latest_active_source_id_sql,
+    plan_for,
+)
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.email.sender import EmailSender, EmailSendError, OutgoingEmail
 from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
 from dbb_orchestration.plans import (
-    PRO_SUBSCRIPTION_STATUSES,
     DeploymentMode,
     billing_enabled,
     effective_interval_days,
     effective_notes_per_digest,
-    is_pro,
-    plan_limits,
 )
 from dbb_orchestration.sequences.content import SequenceEmailValues, render_sequence_email
 from dbb_orchestration.sequences.steps import (
@@ -220,7 +224,7 @@ def decide(
         return Decision("none", StepOutcome.STALE)
     if facts is None:
         return Decision("none", StepOutcome.NOT_FOUND)
-    if not (facts.email or "").strip() or not facts.email_verified:
+    if not is_sendable(facts.email, facts.email_verified):
         return Decision("none", StepOutcome.UNVERIFIED)
     sequence = require_sequence(state.sequence_name)
     if sequence == "welcome" and facts.has_connection:
@@ -246,8 +250,7 @@ def decide(
 def email_values(facts: UserFacts, mode: DeploymentMode | str) -> SequenceEmailValues:
     """Template values for ``facts``: Pro per :func:`plans.is_pro`, interval and notes per digest clamped
     to the user's plan."""
-    pro = is_pro(["active"] if facts.has_pro_subscription else [], mode)
-    limits = plan_limits(pro, mode)
+    pro, limits = plan_for(facts.has_pro_subscription, mode)
     return SequenceEmailValues(
         user_name=facts.name,
         is_pro=pro,
@@ -284,15 +287,9 @@ def load_state(conn: sa.Connection, state_id: int, *, lock: bool = False) -> Sta
 
 def _facts_query(user_id: str) -> sa.Select[Any]:
     u, s, d, i = t.user, t.user_settings, t.note_digests, t.note_digest_items
-    c, b = t.integration_connections, t.billing_subscriptions
+    c = t.integration_connections
     sent = sa.and_(d.c.user_id == u.c.id, d.c.status == "sent")
-    latest_source = (
-        sa.select(c.c.id)
-        .where(c.c.user_id == u.c.id, c.c.status == "active")
-        .order_by(c.c.created_at.desc(), c.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
+    latest_source = latest_active_source_id_sql(u.c.id)
     source = c.alias("source")
     return (
         sa.select(
@@ -309,7 +306,7 @@ def _facts_query(user_id: str) -> sa.Select[Any]:
             .where(sent)
             .scalar_subquery(),
             sa.exists().where(c.c.user_id == u.c.id),
-            sa.exists().where(b.c.user_id == u.c.id, b.c.status.in_(sorted(PRO_SUBSCRIPTION_STATUSES))),
+            has_pro_subscription_sql(u.c.id),
             source.c.kind,
             source.c.display_name,
         )
@@ -497,7 +494,7 @@ def build_outgoing_email(
     assert step is not None
     rendered = render_sequence_email(step.template, email_values(facts, mode), frontend_url)
     return OutgoingEmail(
-        to=(facts.email or "").strip(),
+        to=email_address(facts.email),
         subject=rendered.subject,
         html=rendered.html,
         text=rendered.text,
