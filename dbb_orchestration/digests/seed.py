@@ -15,9 +15,9 @@ import sqlalchemy as sa
 
 from dbb_orchestration.audience import plan_for
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.bulk import insert_many
 from dbb_orchestration.digests.queries import (
     advisory_xact_lock,
-    insert_many,
     load_latest_digests,
     load_user_batch,
 )

@@ -14,10 +14,10 @@ from datetime import datetime
 from typing import Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from dbb_orchestration.audience import has_pro_subscription_sql
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.bulk import dialect_insert
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.plans import DeploymentMode, billing_enabled
 from dbb_orchestration.timing import require_aware
@@ -53,7 +53,7 @@ def enrol_statement(entered_at: datetime, *, postgres: bool) -> sa.Insert:
         sa.literal("active", t.email_sequence_status),
         sa.literal(entered_at, s.c.entered_at.type),
     ).where(~pro, ~enrolled)
-    insert = postgresql.insert if postgres else sqlite.insert
+    insert = dialect_insert(postgres)
     return (
         insert(s)
         .from_select(["user_id", "sequence_name", "current_step", "status", "entered_at"], source)

@@ -46,7 +46,6 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
 from dbb_orchestration.audience import (
     email_address,
@@ -56,6 +55,7 @@ from dbb_orchestration.audience import (
     plan_for,
 )
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.bulk import dialect_insert
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.email.sender import EmailSender, EmailSendError, OutgoingEmail
 from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
@@ -377,7 +377,7 @@ def _record_send(
         "sent_at": now,
         "payload_json": {"provider": provider, "step": ref.step},
     }
-    insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+    insert = dialect_insert(conn)
     statement = (
         insert(t.email_sends)
         .values(**values)
