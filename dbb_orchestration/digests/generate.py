@@ -339,7 +339,7 @@ def _generate_batch(
             report.not_needed[reason] += 1
     if not needy:
         return
-    by_user = load_candidates(conn, needy)
+    by_user = load_candidates(conn, needy, Candidate)
 
     new: list[NewDigest] = []
     for uid in needy:

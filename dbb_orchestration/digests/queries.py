@@ -9,10 +9,10 @@ plain rows back.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -21,7 +21,6 @@ from dbb_orchestration.audience import has_pro_subscription_sql, latest_active_s
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.bulk import in_ids, insert_many
 from dbb_orchestration.db.engine import is_postgres
-from dbb_orchestration.digests.selection import Candidate
 
 __all__ = [
     "DIGEST_LOCK_KEY",
@@ -50,6 +49,8 @@ __all__ = [
     "load_user_batch",
     "lock_pending_digests",
 ]
+
+RowT = TypeVar("RowT")
 
 PENDING_STATUSES = ("scheduled", "failed")
 # pg_advisory_xact_lock key shared by digest generation and seed-digest creation ("dbbdigs" in ASCII):
@@ -233,12 +234,16 @@ def _aware_timestamp(conn: sa.Connection, column: sa.Column[Any]) -> sa.ColumnEl
     return column
 
 
-def load_candidates(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, list[Candidate]]:
+def load_candidates(
+    conn: sa.Connection, user_ids: Sequence[str], make: Callable[..., RowT]
+) -> dict[str, list[RowT]]:
     """Selection candidates per user: every non-deleted document of these users left-joined with its
-    review state (no state row → status ``new`` and null fields): one statement. Content and hashes are
+    review state (no state row → status ``new`` and null fields): one statement. Each candidate is
+``make(document_id, status, priority_weight, deprioritized_until, next_due_at, last_sent_at)`` (the
+caller's row type: this module knows nothing of selection). Content and hashes are
     not loaded (:func:`insert_digests_with_items` reads the selected ones'). Users without documents get an
     empty list."""
-    out: dict[str, list[Candidate]] = {uid: [] for uid in user_ids}
+    out: dict[str, list[RowT]] = {uid: [] for uid in user_ids}
     if not user_ids:
         return out
     doc, rs = t.documents, t.review_states
@@ -266,7 +271,7 @@ def load_candidates(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, l
     for doc_id, user_id, status, weight, deprioritized, due, last_sent in rows:
         bucket = out.get(user_id)
         if bucket is not None:
-            bucket.append(Candidate(doc_id, status or "new", weight, deprioritized, due, last_sent))
+            bucket.append(make(doc_id, status or "new", weight, deprioritized, due, last_sent))
     return out
 
 

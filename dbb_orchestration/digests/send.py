@@ -37,9 +37,9 @@ from dbb_orchestration.digests.queries import (
 from dbb_orchestration.digests.render import (
     DigestEmailContext,
     DigestNote,
-    first_source_label,
     render_digest_email,
 )
+from dbb_orchestration.email.formatting import first_source_label
 from dbb_orchestration.email.sender import EmailSender, OutgoingEmail
 from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
 from dbb_orchestration.plans import digest_timing_phrase
