@@ -87,7 +87,6 @@ from dbb_orchestration.digests.queries import (
 )
 from dbb_orchestration.digests.send import (
     DEFAULT_EASE_FACTOR,
-    DUPLICATE_KEY_ERROR,
     EMPTY_SNAPSHOT,
     NO_PENDING,
     SUPERSEDED,
@@ -658,7 +657,7 @@ def _outcome(
             issues=issues,
         )
     if isinstance(failure, EmailSendError):
-        if failure.status == 409 and failure.name == DUPLICATE_KEY_ERROR:
+        if failure.already_sent_under_key:
             return _Delivery(job, "duplicate", provider=provider, accepted_at=accepted_at, issues=issues)
         unavailable = isinstance(failure, ProviderUnavailable)
         return _Delivery(

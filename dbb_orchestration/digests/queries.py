@@ -238,11 +238,11 @@ def load_candidates(
     conn: sa.Connection, user_ids: Sequence[str], make: Callable[..., RowT]
 ) -> dict[str, list[RowT]]:
     """Selection candidates per user: every non-deleted document of these users left-joined with its
-    review state (no state row → status ``new`` and null fields): one statement. Each candidate is
-``make(document_id, status, priority_weight, deprioritized_until, next_due_at, last_sent_at)`` (the
-caller's row type: this module knows nothing of selection). Content and hashes are
-    not loaded (:func:`insert_digests_with_items` reads the selected ones'). Users without documents get an
-    empty list."""
+        review state (no state row → status ``new`` and null fields): one statement. Each candidate is
+    ``make(document_id, status, priority_weight, deprioritized_until, next_due_at, last_sent_at)`` (the
+    caller's row type: this module knows nothing of selection). Content and hashes are
+        not loaded (:func:`insert_digests_with_items` reads the selected ones'). Users without documents get an
+        empty list."""
     out: dict[str, list[RowT]] = {uid: [] for uid in user_ids}
     if not user_ids:
         return out

@@ -68,7 +68,6 @@ NO_PENDING = "no_pending_digest"
 DEFAULT_EASE_FACTOR = 2.5
 MIN_REVIEW_INTERVAL = 4
 MAX_REVIEW_INTERVAL = 30
-DUPLICATE_KEY_ERROR = "invalid_idempotent_request"
 _FAILED_IDS_SHOWN = 20
 
 

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -54,14 +53,13 @@ import sqlalchemy as sa
 from dbb_orchestration.audience import sendable_sql
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
-from dbb_orchestration.sequences.steps import STEPS, idempotency_key
+from dbb_orchestration.sequences.steps import STEPS, SequenceStep
 from dbb_orchestration.timing import require_aware
 
 __all__ = [
     "BACKOFF_SECONDS",
     "CursorEntry",
     "DueScan",
-    "DueStep",
     "Launch",
     "PlannedRun",
     "TickPlan",
@@ -74,7 +72,6 @@ __all__ = [
     "find_due_steps",
     "group_runs",
     "load_positions",
-    "mapping_key",
     "mark_finished",
     "parse_cursor",
     "plan_tick",
@@ -87,31 +84,11 @@ BACKOFF_SECONDS: Final[tuple[int, ...]] = (600, 1800, 7200, 21600)
 PRUNE_CHUNK: Final = 10_000
 JIT_OFF: Final = "SET LOCAL jit = off"
 CURSOR_VERSION: Final = 2
-_NOT_MAPPING: Final = re.compile(r"[^A-Za-z0-9]")
-_PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9-]*-[0-9]+")
-
-
-@dataclass(frozen=True)
-class DueStep:
-    state_id: int
-    user_id: str
-    sequence_name: str
-    step: int
-
-    @property
-    def key(self) -> str:
-        """The step's provider idempotency key."""
-        return idempotency_key(self.sequence_name, self.user_id, self.step)
-
-    @property
-    def mapping_key(self) -> str:
-        """Its dynamic-step key inside a run (:func:`mapping_key`)."""
-        return mapping_key(self.key, self.state_id)
 
 
 @dataclass(frozen=True)
 class DueScan:
-    steps: list[DueStep]  # at most ``limit``, oldest anchor first
+    steps: list[SequenceStep]  # at most ``limit``, oldest anchor first
     due: int  # due steps of verified users (all of them, not only the returned ones)
     unverified: int  # due steps whose user has no email or an unverified one (not returned)
     blocked: int  # active onboarding states without a first sent digest
@@ -220,7 +197,7 @@ def find_due_steps(conn: sa.Connection, *, now: datetime, limit: int) -> DueScan
         return DueScan([], 0, 0, 0)
     first = rows[0]
     steps = [
-        DueStep(int(row.id), str(row.user_id), str(row.sequence_name), int(row.current_step))
+        SequenceStep(int(row.id), str(row.user_id), str(row.sequence_name), int(row.current_step))
         for row in rows
         if row.id is not None
     ]
@@ -342,16 +319,6 @@ def run_key_for(key: str, attempt: int) -> str:
     return key if attempt <= 1 else f"{key}:attempt-{attempt}"
 
 
-def mapping_key(key: str, state_id: int) -> str:
-    """The dynamic-step key of a step in a run: its idempotency key with every character outside
-    ``A-Za-z0-9`` as ``_`` (``sequence_welcome_u1_2``). That is one-to-one for keys made of letters,
-    digits and ``-`` that end in ``-<step>``; any other key (another character in the user id, or cut
-    to 256 characters) gets ``_s<state id>`` appended. A plain key's last part is all digits, a
-    suffixed one's starts with ``s``, so the two forms never meet."""
-    plain = _NOT_MAPPING.sub("_", key)
-    return plain if _PLAIN_KEY.fullmatch(key) else f"{plain}_s{state_id}"
-
-
 def batch_run_key(attempt_keys: Iterable[str]) -> str:
     """The run key of a run carrying the given step attempts (``run_key_for`` values): the same set
     always gives the same key, so a tick that is evaluated twice launches nothing twice."""
@@ -365,7 +332,7 @@ def batch_run_key(attempt_keys: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class Launch:
-    step: DueStep
+    step: SequenceStep
     attempt: int
 
     @property
@@ -402,7 +369,7 @@ def group_runs(launches: Sequence[Launch], per_run: int) -> list[PlannedRun]:
 
 
 def plan_tick(
-    steps: Sequence[DueStep],
+    steps: Sequence[SequenceStep],
     entries: Mapping[str, CursorEntry],
     *,
     now_epoch: int,

@@ -67,10 +67,10 @@ from dbb_orchestration.plans import (
 )
 from dbb_orchestration.sequences.content import SequenceEmailValues, render_sequence_email
 from dbb_orchestration.sequences.steps import (
+    SequenceStep,
     email_id,
     email_tags,
     get_step,
-    idempotency_key,
     is_due,
     last_step,
     require_sequence,
@@ -82,7 +82,6 @@ __all__ = [
     "StateRow",
     "StepConfigError",
     "StepOutcome",
-    "StepRef",
     "StepResult",
     "StepSendFailed",
     "UserFacts",
@@ -93,8 +92,6 @@ __all__ = [
     "load_user_facts",
     "process_step",
 ]
-
-DUPLICATE_KEY_ERROR = "invalid_idempotent_request"
 
 
 class StepOutcome(StrEnum):
@@ -119,27 +116,13 @@ class StepConfigError(ValueError):
 class StepSendFailed(Exception):
     """The provider refused or failed; nothing was written. Carries ids only, never addresses."""
 
-    def __init__(self, ref: StepRef, error: EmailSendError) -> None:
+    def __init__(self, ref: SequenceStep, error: EmailSendError) -> None:
         self.ref = ref
         self.error = error
         super().__init__(
             f"sending {email_id(ref.sequence_name, ref.step)} for state {ref.state_id} failed: "
             f"status={error.status} error={error.name or type(error).__name__} attempts={error.attempts}"
         )
-
-
-@dataclass(frozen=True)
-class StepRef:
-    """Which state row and which step a run is about (the job's config)."""
-
-    state_id: int
-    sequence_name: str
-    user_id: str
-    step: int
-
-    @property
-    def key(self) -> str:
-        return idempotency_key(self.sequence_name, self.user_id, self.step)
 
 
 @dataclass(frozen=True)
@@ -181,7 +164,7 @@ class Decision:
 @dataclass(frozen=True)
 class StepResult:
     outcome: StepOutcome
-    ref: StepRef
+    ref: SequenceStep
     email_id: str | None = None
     provider: str | None = None
     provider_id: str | None = None
@@ -209,7 +192,7 @@ class StepResult:
 
 
 def decide(
-    ref: StepRef, state: StateRow | None, facts: UserFacts | None, *, now: datetime, billing: bool
+    ref: SequenceStep, state: StateRow | None, facts: UserFacts | None, *, now: datetime, billing: bool
 ) -> Decision:
     """behaviour §9 checks 1–5 in order; the first that applies decides. Raises :class:`StepConfigError` when
     ``state`` belongs to another user or sequence than ``ref`` says. Naive ``now`` → ``ValueError``."""
@@ -341,13 +324,13 @@ def load_user_facts(conn: sa.Connection, user_id: str) -> UserFacts | None:
 # --------------------------------------------------------------------------------------------- writes
 
 
-def _cas(ref: StepRef) -> sa.ColumnElement[bool]:
+def _cas(ref: SequenceStep) -> sa.ColumnElement[bool]:
     return sa.and_(
         _states.c.id == ref.state_id, _states.c.current_step == ref.step, _states.c.status == "active"
     )
 
 
-def _transition(conn: sa.Connection, ref: StepRef, decision: Decision, now: datetime) -> bool:
+def _transition(conn: sa.Connection, ref: SequenceStep, decision: Decision, now: datetime) -> bool:
     values: dict[str, Any] = {"completed_at": now}
     if decision.action == "exit":
         values.update(status="exited", exit_reason=decision.exit_reason)
@@ -356,7 +339,7 @@ def _transition(conn: sa.Connection, ref: StepRef, decision: Decision, now: date
     return conn.execute(sa.update(_states).where(_cas(ref)).values(**values)).rowcount == 1
 
 
-def _advance(conn: sa.Connection, ref: StepRef, now: datetime) -> bool:
+def _advance(conn: sa.Connection, ref: SequenceStep, now: datetime) -> bool:
     values: dict[str, Any] = {"current_step": ref.step + 1, "last_email_sent_at": now}
     if ref.step >= last_step(ref.sequence_name):
         values.update(status="completed", completed_at=now)
@@ -364,7 +347,7 @@ def _advance(conn: sa.Connection, ref: StepRef, now: datetime) -> bool:
 
 
 def _record_send(
-    conn: sa.Connection, ref: StepRef, *, provider: str, provider_id: str | None, now: datetime
+    conn: sa.Connection, ref: SequenceStep, *, provider: str, provider_id: str | None, now: datetime
 ) -> bool:
     """``INSERT … ON CONFLICT (idempotency_key) DO NOTHING``; ``True`` when a row was inserted."""
     values = {
@@ -418,7 +401,7 @@ def _release_claim(conn: sa.Connection, state_id: int) -> None:
 
 def process_step(
     engine: sa.Engine,
-    ref: StepRef,
+    ref: SequenceStep,
     *,
     sender: EmailSender,
     now: datetime,
@@ -483,7 +466,7 @@ def process_step(
 
 
 def build_outgoing_email(
-    ref: StepRef,
+    ref: SequenceStep,
     facts: UserFacts,
     mode: DeploymentMode | str,
     frontend_url: str,
@@ -504,12 +487,12 @@ def build_outgoing_email(
     )
 
 
-def _send(sender: EmailSender, email: OutgoingEmail, ref: StepRef) -> str | None:
+def _send(sender: EmailSender, email: OutgoingEmail, ref: SequenceStep) -> str | None:
     """The provider id; ``None`` when the provider reports the key as already used with another body
     (an earlier attempt of this very step was accepted). Other failures → :class:`StepSendFailed`."""
     try:
         return sender.send(email).provider_id
     except EmailSendError as exc:
-        if exc.status == 409 and exc.name == DUPLICATE_KEY_ERROR:
+        if exc.already_sent_under_key:
             return None
         raise StepSendFailed(ref, exc) from exc
