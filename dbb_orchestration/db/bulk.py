@@ -108,20 +108,21 @@ def insert_many(
         stmt: Any = dialect_insert(True)(table).from_select(
             names, sa.select(*[exprs[n] for n in names]).select_from(derived)
         )
-        if on_conflict is not None:
-            stmt = on_conflict(stmt)
-        if returning:
-            stmt = stmt.returning(*returning)
-            return list(conn.execute(stmt).all())
-        conn.execute(stmt)
-        return []
-    stmt = dialect_insert(False)(table)
+        params: Any = None
+    else:
+        stmt, params = dialect_insert(False)(table), [dict(r) for r in rows]
     if on_conflict is not None:
         stmt = on_conflict(stmt)
+    return _execute(conn, stmt, returning, params)
+
+
+def _execute(
+    conn: sa.Connection, stmt: Any, returning: Sequence[sa.Column[Any]], params: Any = None
+) -> list[Any]:
+    """Run ``stmt`` (with ``returning`` added when asked) and return its rows, else ``[]``."""
     if returning:
-        stmt = stmt.returning(*returning)
-        return list(conn.execute(stmt, [dict(r) for r in rows]).all())
-    conn.execute(stmt, [dict(r) for r in rows])
+        return list(conn.execute(stmt.returning(*returning), params).all())
+    conn.execute(stmt, params)
     return []
 
 
@@ -141,33 +142,21 @@ def update_many(
     if not rows:
         return []
     names = [n for n in rows[0] if n != key]
-    out: list[sa.Row[Any]] = []
     if is_postgres(conn):
         derived, exprs = _unnest(table, [key, *names], rows, "v")
-        stmt: Any = (
-            sa.update(table).values({n: exprs[n] for n in names}).where(table.c[key] == derived.c[key])
-        )
-        if where is not None:
-            stmt = stmt.where(where)
-        if returning:
-            return list(conn.execute(stmt.returning(*returning)).all())
-        conn.execute(stmt)
-        return []
+        stmt = sa.update(table).values({n: exprs[n] for n in names}).where(table.c[key] == derived.c[key])
+        return _execute(conn, stmt if where is None else stmt.where(where), returning)
+    out: list[sa.Row[Any]] = []
     for start in range(0, len(rows), _SQLITE_UPDATE_CHUNK):
-        chunk = rows[start : start + _SQLITE_UPDATE_CHUNK]
-        keys = [row[key] for row in chunk]
-        values = {
-            n: sa.case(
-                {row[key]: sa.literal(row[n], type_=table.c[n].type) for row in chunk},
-                value=table.c[key],
-            )
-            for n in names
-        }
-        stmt = sa.update(table).values(values).where(table.c[key].in_(keys))
-        if where is not None:
-            stmt = stmt.where(where)
-        if returning:
-            out.extend(conn.execute(stmt.returning(*returning)).all())
-        else:
-            conn.execute(stmt)
+        stmt = _case_update(table, key, names, rows[start : start + _SQLITE_UPDATE_CHUNK])
+        out.extend(_execute(conn, stmt if where is None else stmt.where(where), returning))
     return out
+
+
+def _case_update(table: sa.Table, key: str, names: Sequence[str], chunk: Sequence[Mapping[str, Any]]) -> Any:
+    """SQLite: ``UPDATE … SET c = CASE key WHEN … END WHERE key IN (…)`` for one chunk of rows."""
+    values = {
+        n: sa.case({row[key]: sa.literal(row[n], type_=table.c[n].type) for row in chunk}, value=table.c[key])
+        for n in names
+    }
+    return sa.update(table).values(values).where(table.c[key].in_([row[key] for row in chunk]))
