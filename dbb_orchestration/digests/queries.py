@@ -376,20 +376,32 @@ def insert_digests_with_items(conn: sa.Connection, digests: Sequence[NewDigest],
         raise ValueError("insert_digests_with_items takes at most one digest per user")
     items = [(dg.user_id, doc, pos) for dg in digests for pos, doc in enumerate(dg.document_ids, start=1)]
     if is_postgres(conn):
-        conn.execute(
-            _INSERT_DIGESTS_WITH_ITEMS,
-            {
-                "user_ids": [dg.user_id for dg in digests],
-                "scheduled_fors": [dg.scheduled_for for dg in digests],
-                "statuses": [dg.status for dg in digests],
-                "payloads": [json.dumps(dg.payload) for dg in digests],
-                "stamp": stamp,
-                "item_user_ids": [i[0] for i in items],
-                "item_document_ids": [i[1] for i in items],
-                "item_positions": [i[2] for i in items],
-            },
-        )
-        return
+        _insert_digests_postgres(conn, digests, items, stamp)
+    else:
+        _insert_digests_sqlite(conn, digests, items, stamp)
+
+
+def _insert_digests_postgres(
+    conn: sa.Connection, digests: Sequence[NewDigest], items: list[tuple[str, int, int]], stamp: datetime
+) -> None:
+    conn.execute(
+        _INSERT_DIGESTS_WITH_ITEMS,
+        {
+            "user_ids": [dg.user_id for dg in digests],
+            "scheduled_fors": [dg.scheduled_for for dg in digests],
+            "statuses": [dg.status for dg in digests],
+            "payloads": [json.dumps(dg.payload) for dg in digests],
+            "stamp": stamp,
+            "item_user_ids": [i[0] for i in items],
+            "item_document_ids": [i[1] for i in items],
+            "item_positions": [i[2] for i in items],
+        },
+    )
+
+
+def _insert_digests_sqlite(
+    conn: sa.Connection, digests: Sequence[NewDigest], items: list[tuple[str, int, int]], stamp: datetime
+) -> None:
     rows = [
         {
             "user_id": dg.user_id,
