@@ -67,6 +67,7 @@ from dbb_orchestration.plans import (
 )
 from dbb_orchestration.sequences.content import SequenceEmailValues, render_sequence_email
 from dbb_orchestration.sequences.steps import (
+    SequenceName,
     SequenceStep,
     email_id,
     email_tags,
@@ -197,6 +198,15 @@ def decide(
     """behaviour §9 checks 1–5 in order; the first that applies decides. Raises :class:`StepConfigError` when
     ``state`` belongs to another user or sequence than ``ref`` says. Naive ``now`` → ``ValueError``."""
     require_aware(now, "now")
+    early = _row_check(ref, state, facts)
+    if early is not None or state is None or facts is None:
+        return early or Decision("none", StepOutcome.NOT_FOUND)
+    sequence = require_sequence(state.sequence_name)
+    return _exit_check(sequence, facts, billing) or _step_check(ref, sequence, state, facts, now)
+
+
+def _row_check(ref: SequenceStep, state: StateRow | None, facts: UserFacts | None) -> Decision | None:
+    """Checks 1–2: the row exists and is still at this step, the user exists and can be emailed."""
     if state is None:
         return Decision("none", StepOutcome.NOT_FOUND)
     if state.user_id != ref.user_id or state.sequence_name != ref.sequence_name:
@@ -209,25 +219,31 @@ def decide(
         return Decision("none", StepOutcome.NOT_FOUND)
     if not is_sendable(facts.email, facts.email_verified):
         return Decision("none", StepOutcome.UNVERIFIED)
-    sequence = require_sequence(state.sequence_name)
+    return None
+
+
+def _exit_check(sequence: str, facts: UserFacts, billing: bool) -> Decision | None:
+    """Check 3: ``welcome`` exits once connected; ``onboarding``/``upgrade`` once Pro (billing on)."""
     if sequence == "welcome" and facts.has_connection:
         return Decision("exit", StepOutcome.EXITED, "connected")
     if sequence in ("onboarding", "upgrade") and billing and facts.has_pro_subscription:
         return Decision("exit", StepOutcome.EXITED, "upgraded")
+    return None
+
+
+def _step_check(
+    ref: SequenceStep, sequence: SequenceName, state: StateRow, facts: UserFacts, now: datetime
+) -> Decision:
+    """Checks 4–5: past the last step → complete; otherwise send when the step is due."""
     if ref.step > last_step(sequence):
         return Decision("complete", StepOutcome.COMPLETED)
     if ref.step < 1:
         return Decision("none", StepOutcome.INVALID_STEP)
-    if not is_due(
-        sequence,
-        ref.step,
-        now=now,
-        entered_at=state.entered_at,
-        first_digest_sent_at=facts.first_digest_sent_at,
-    ):
-        blocked = sequence == "onboarding" and facts.first_digest_sent_at is None
-        return Decision("none", StepOutcome.BLOCKED if blocked else StepOutcome.NOT_DUE)
-    return Decision("send", StepOutcome.SENT)
+    first_sent = facts.first_digest_sent_at
+    if is_due(sequence, ref.step, now=now, entered_at=state.entered_at, first_digest_sent_at=first_sent):
+        return Decision("send", StepOutcome.SENT)
+    blocked = sequence == "onboarding" and first_sent is None
+    return Decision("none", StepOutcome.BLOCKED if blocked else StepOutcome.NOT_DUE)
 
 
 def email_values(facts: UserFacts, mode: DeploymentMode | str) -> SequenceEmailValues:
@@ -421,44 +437,72 @@ def process_step(
         raise StepConfigError(str(exc)) from None
     if not billing_enabled(mode):
         return StepResult(StepOutcome.DISABLED, ref)
-    postgres = is_postgres(engine)
     with engine.connect() as conn:
-        claimed = False
+        claim = _Claim()
         try:
             # 1. claim and decide, in one short transaction
-            with conn.begin():
-                if postgres:
-                    claimed = _try_claim(conn, ref.state_id)
-                    if not claimed:
-                        return StepResult(StepOutcome.BUSY, ref)
-                state = load_state(conn, ref.state_id, lock=postgres)
-                if state is None and postgres and load_state(conn, ref.state_id) is not None:
-                    return StepResult(StepOutcome.BUSY, ref)  # the row is locked (say by the backend)
-                facts = load_user_facts(conn, ref.user_id) if state is not None else None
-                decision = decide(ref, state, facts, now=now, billing=billing_enabled(mode))
-                if decision.action in ("exit", "complete"):
-                    moved = _transition(conn, ref, decision, now)
-                    return StepResult(decision.outcome, ref, advanced=moved, exit_reason=decision.exit_reason)
-                if decision.action == "none":
-                    return StepResult(decision.outcome, ref)
-                assert facts is not None and facts.email is not None
-                email = build_outgoing_email(ref, facts, mode, frontend_url, unsubscribe_secret)
+            planned = _claim_and_decide(conn, ref, claim, now, mode, frontend_url, unsubscribe_secret)
+            if isinstance(planned, StepResult):
+                return planned
             # 2. send: no transaction open, no row locked (Postgres: only the session's claim is held)
-            provider_id = _send(sender, email, ref)
+            provider_id = _send(sender, planned, ref)
             # 3. record, in another short transaction
-            with conn.begin():
-                if postgres:
-                    conn.exec_driver_sql(RECORD_LOCK_TIMEOUT)
-                recorded = _record_send(conn, ref, provider=sender.provider, provider_id=provider_id, now=now)
-                advanced = _advance(conn, ref, now)
+            return _record(conn, ref, provider=sender.provider, provider_id=provider_id, now=now)
         finally:
-            if claimed:
+            if claim.held:
                 _release_claim(conn, ref.state_id)
+
+
+@dataclass
+class _Claim:
+    held: bool = False  # this session holds the step's advisory claim (release it, whatever happens)
+
+
+def _claim_and_decide(
+    conn: sa.Connection,
+    ref: SequenceStep,
+    claim: _Claim,
+    now: datetime,
+    mode: DeploymentMode | str,
+    frontend_url: str,
+    unsubscribe_secret: str | None,
+) -> StepResult | OutgoingEmail:
+    """The step's outcome when nothing is to be sent (an exit or completion is written here), else the
+    email to send. Postgres: claims the step first and reads the row ``SKIP LOCKED`` (held → ``busy``)."""
+    postgres = is_postgres(conn)
+    with conn.begin():
+        if postgres:
+            claim.held = _try_claim(conn, ref.state_id)
+            if not claim.held:
+                return StepResult(StepOutcome.BUSY, ref)
+        state = load_state(conn, ref.state_id, lock=postgres)
+        if state is None and postgres and load_state(conn, ref.state_id) is not None:
+            return StepResult(StepOutcome.BUSY, ref)  # the row is locked (say by the backend)
+        facts = load_user_facts(conn, ref.user_id) if state is not None else None
+        decision = decide(ref, state, facts, now=now, billing=billing_enabled(mode))
+        if decision.action in ("exit", "complete"):
+            moved = _transition(conn, ref, decision, now)
+            return StepResult(decision.outcome, ref, advanced=moved, exit_reason=decision.exit_reason)
+        if decision.action == "none":
+            return StepResult(decision.outcome, ref)
+        assert facts is not None and facts.email is not None
+        return build_outgoing_email(ref, facts, mode, frontend_url, unsubscribe_secret)
+
+
+def _record(
+    conn: sa.Connection, ref: SequenceStep, *, provider: str, provider_id: str | None, now: datetime
+) -> StepResult:
+    """Record the accepted email and advance the state, in one short transaction."""
+    with conn.begin():
+        if is_postgres(conn):
+            conn.exec_driver_sql(RECORD_LOCK_TIMEOUT)
+        recorded = _record_send(conn, ref, provider=provider, provider_id=provider_id, now=now)
+        advanced = _advance(conn, ref, now)
     return StepResult(
         StepOutcome.SENT if advanced else StepOutcome.DUPLICATE,
         ref,
         email_id=email_id(ref.sequence_name, ref.step),
-        provider=sender.provider,
+        provider=provider,
         provider_id=provider_id,
         recorded=recorded,
         advanced=advanced,
