@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -238,35 +239,53 @@ def parse_cursor(raw: str | None) -> dict[str, CursorEntry]:
 
     Version 1 cursors (one run per step, ``[attempts, last launch, state id, step]``) are read with the
     run key that version used (``run_key_for(key, attempts)``) and the launch time as the end time."""
-    if not raw:
+    loaded = _load_cursor_json(raw)
+    if loaded is None:
         return {}
+    version, runs, keys = loaded
+    entries: dict[str, CursorEntry] = {}
+    for key, value in keys.items():
+        entry = _cursor_entry(key, value, version, runs)
+        if entry is not None:
+            entries[key] = entry
+    return entries
+
+
+def _load_cursor_json(raw: str | None) -> tuple[int, list[str], dict[Any, Any]] | None:
+    """``(version, run keys, entries)`` of a well-formed cursor of a known version, else ``None``."""
+    if not raw:
+        return None
     try:
         data = json.loads(raw)
     except ValueError:
-        return {}
+        return None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), dict):
-        return {}
-    version = data.get("v")
-    raw_runs = data.get("runs", [])
-    if not (isinstance(raw_runs, list) and all(isinstance(r, str) for r in raw_runs)):
-        return {}
-    runs: list[str] = raw_runs
+        return None
+    version, runs = data.get("v"), data.get("runs", [])
+    if not (isinstance(runs, list) and all(isinstance(r, str) for r in runs)):
+        return None
     if version not in (1, CURSOR_VERSION):
-        return {}
-    entries: dict[str, CursorEntry] = {}
-    for key, value in data["keys"].items():
-        if not isinstance(key, str) or not isinstance(value, list):
-            continue
-        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        if version == 1 and len(value) == 4 and ints:
-            attempts, launched, state_id, step = value
-            entries[key] = CursorEntry(
-                attempts, launched, state_id, step, launched, run_key_for(key, attempts)
-            )
-        elif version == CURSOR_VERSION and len(value) == 6 and ints and 0 <= value[5] < len(runs):
-            attempts, launched, state_id, step, ended, run_index = value
-            entries[key] = CursorEntry(attempts, launched, state_id, step, ended, runs[run_index])
-    return entries
+        return None
+    return int(version), runs, data["keys"]
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _cursor_entry(key: object, value: object, version: int, runs: Sequence[str]) -> CursorEntry | None:
+    """One cursor entry (version 1: ``[attempts, last launch, state id, step]``; version 2 adds the end
+    time and the run key's index), or ``None`` when malformed."""
+    if not isinstance(key, str) or not _int_list(value):
+        return None
+    assert isinstance(value, list)
+    if version == 1 and len(value) == 4:
+        attempts, launched, state_id, step = value
+        return CursorEntry(attempts, launched, state_id, step, launched, run_key_for(key, attempts))
+    if version == CURSOR_VERSION and len(value) == 6 and 0 <= value[5] < len(runs):
+        attempts, launched, state_id, step, ended, run_index = value
+        return CursorEntry(attempts, launched, state_id, step, ended, runs[run_index])
+    return None
 
 
 def dump_cursor(entries: Mapping[str, CursorEntry]) -> str:
@@ -368,6 +387,21 @@ def group_runs(launches: Sequence[Launch], per_run: int) -> list[PlannedRun]:
     return [PlannedRun(batch_run_key(launch.attempt_key for launch in group), group) for group in groups]
 
 
+def launch_attempt(entry: CursorEntry | None, *, now_epoch: int, max_attempts: int) -> tuple[int, str | None]:
+    """The attempt number a due step would be launched as, and why it is not launched now
+    (``exhausted``, ``running``: its last run has not ended, ``waiting``: inside its back-off) or
+    ``None``. A step without an entry is a first attempt."""
+    if entry is None:
+        return 1, None
+    if entry.attempts >= max_attempts:
+        return entry.attempts, "exhausted"
+    if entry.ended_at == 0:
+        return entry.attempts, "running"
+    if now_epoch - entry.ended_at < backoff_seconds(entry.attempts):
+        return entry.attempts, "waiting"
+    return entry.attempts + 1, None
+
+
 def plan_tick(
     steps: Sequence[SequenceStep],
     entries: Mapping[str, CursorEntry],
@@ -388,29 +422,19 @@ def plan_tick(
     max_attempts = max(1, max_attempts)
     cap = max(0, cap)
     launches: list[Launch] = []
-    waiting = running = exhausted = capped = 0
+    held: Counter[str] = Counter()
     seen: set[str] = set()
     for step in steps:
-        key = step.key
-        if key in seen:
+        if step.key in seen:
             continue
-        seen.add(key)
-        entry = entries.get(key)
-        if entry is None:
-            attempt = 1
-        elif entry.attempts >= max_attempts:
-            exhausted += 1
-            continue
-        elif entry.ended_at == 0:
-            running += 1
-            continue
-        elif now_epoch - entry.ended_at < backoff_seconds(entry.attempts):
-            waiting += 1
-            continue
-        else:
-            attempt = entry.attempts + 1
-        if len(launches) >= cap:
-            capped += 1
+        seen.add(step.key)
+        attempt, why_not = launch_attempt(
+            entries.get(step.key), now_epoch=now_epoch, max_attempts=max_attempts
+        )
+        if why_not is None and len(launches) >= cap:
+            why_not = "capped"
+        if why_not is not None:
+            held[why_not] += 1
             continue
         launches.append(Launch(step, attempt))
     runs = group_runs(launches, per_run)
@@ -425,10 +449,10 @@ def plan_tick(
         launches=launches,
         cursor=cursor,
         runs=runs,
-        waiting=waiting,
-        running=running,
-        exhausted=exhausted,
-        capped=capped,
+        waiting=held["waiting"],
+        running=held["running"],
+        exhausted=held["exhausted"],
+        capped=held["capped"],
         retries=sum(1 for launch in launches if launch.attempt > 1),
         pruned=pruned,
     )
