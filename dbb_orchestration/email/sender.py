@@ -411,11 +411,7 @@ def _map_batch(response: Any, size: int, attempts: int) -> tuple[BatchItemResult
     """Resend's batch answer ``{"data": [{"id"}…], "errors": [{"index", "message"}…]}`` → one result per
     email in order: ``data`` lists the ids of the accepted emails in request order, skipping the
     indexes named in ``errors``."""
-    errors: dict[int, str] = {}
-    for err in _get(response, "errors") or []:
-        index = _int_or_none(_get(err, "index"))
-        if index is not None and 0 <= index < size:
-            errors[index] = scrub(str(_get(err, "message") or "rejected"))
+    errors = _batch_errors(response, size)
     ids = [str(_get(d, "id") or "") for d in (_get(response, "data") or [])]
     if len(ids) + len(errors) != size or not all(ids):
         raise EmailSendError(
@@ -430,6 +426,16 @@ def _map_batch(response: Any, size: int, attempts: int) -> tuple[BatchItemResult
         BatchItemResult(error=errors[i]) if i in errors else BatchItemResult(provider_id=next(accepted))
         for i in range(size)
     )
+
+
+def _batch_errors(response: Any, size: int) -> dict[int, str]:
+    """The (scrubbed) per-email errors of a batch answer by index; indexes outside the batch are ignored."""
+    errors: dict[int, str] = {}
+    for err in _get(response, "errors") or []:
+        index = _int_or_none(_get(err, "index"))
+        if index is not None and 0 <= index < size:
+            errors[index] = scrub(str(_get(err, "message") or "rejected"))
+    return errors
 
 
 def _retry_after(exc: Exception) -> float | None:
