@@ -77,9 +77,12 @@ def is_pro(subscription_statuses: Iterable[str | None], mode: DeploymentMode | s
     status exactly ``active`` or ``trialing`` (statuses are compared as stored; ``None`` entries and
     other statuses such as ``canceled`` or ``past_due`` do not count). No subscriptions → ``False``.
     """
-    if not billing_enabled(mode):
-        return True
-    return any(status in PRO_SUBSCRIPTION_STATUSES for status in subscription_statuses)
+    return _pro(any(status in PRO_SUBSCRIPTION_STATUSES for status in subscription_statuses), mode)
+
+
+def _pro(has_pro_subscription: bool, mode: DeploymentMode | str) -> bool:
+    """Billing off (self-hosted) → everyone is Pro; otherwise whoever has a Pro subscription."""
+    return not billing_enabled(mode) or has_pro_subscription
 
 
 def has_pro_subscription_sql(user_id: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
@@ -93,7 +96,7 @@ def has_pro_subscription_sql(user_id: sa.ColumnElement[Any]) -> sa.ColumnElement
 def plan_for(has_pro_subscription: bool, mode: DeploymentMode | str) -> tuple[bool, PlanLimits]:
     """Pro flag and plan limits of a user whose :func:`has_pro_subscription_sql` is
     ``has_pro_subscription`` under deployment ``mode`` (four combinations: cached)."""
-    pro = is_pro([next(iter(PRO_SUBSCRIPTION_STATUSES))] if has_pro_subscription else [], mode)
+    pro = _pro(has_pro_subscription, mode)
     return pro, plan_limits(pro, mode)
 
 
