@@ -324,6 +324,31 @@ def _generate_batch(
     for plan in plans.values():
         report.data_issues.update(plan.issues)
     facts = load_generation_facts(conn, list(plans), now - _NEAR, now + _NEAR)
+    needy = _needy_users(plans, rows, facts, now, wall, report)
+    if not needy:
+        return
+    by_user = load_candidates(conn, needy, Candidate)
+
+    new: list[NewDigest] = []
+    for uid in needy:
+        try:
+            p = plan_digest(plans[uid], by_user[uid], now)
+        except Exception as exc:  # one user's odd data never stops the batch
+            report.data_issues[f"user_error:{type(exc).__name__}"] += 1
+            continue
+        new.append(_new_digest(p, now, report))
+    insert_digests_with_items(conn, new, as_utc(clock(), "clock()"))
+
+
+def _needy_users(
+    plans: dict[str, UserPlan],
+    rows: dict[str, UserRow],
+    facts: dict[str, GenerationFacts],
+    now: datetime,
+    wall: datetime,
+    report: GenerateReport,
+) -> list[str]:
+    """The users who get a digest in this run (:func:`generation_decision`), each decision counted."""
     needy: list[str] = []
     empty = GenerationFacts()
     for uid, plan in plans.items():
@@ -337,25 +362,18 @@ def _generate_batch(
             report.already_generated += 1
         else:
             report.not_needed[reason] += 1
-    if not needy:
-        return
-    by_user = load_candidates(conn, needy, Candidate)
+    return needy
 
-    new: list[NewDigest] = []
-    for uid in needy:
-        try:
-            p = plan_digest(plans[uid], by_user[uid], now)
-        except Exception as exc:  # one user's odd data never stops the batch
-            report.data_issues[f"user_error:{type(exc).__name__}"] += 1
-            continue
-        report.notes_excluded.update(why for _doc_id, why in p.notes_skipped)
-        payload: dict[str, Any] = {"source": DAILY_SOURCE, "logical_time": now.isoformat()}
-        if p.status == "skipped":
-            payload["reason"] = p.reason
-            report.skipped[p.reason or "unknown"] += 1
-        else:
-            payload["note_count"] = len(p.document_ids)
-            report.digests_created += 1
-            report.items_created += len(p.document_ids)
-        new.append(NewDigest(p.user_id, p.scheduled_for, p.status, payload, p.document_ids))
-    insert_digests_with_items(conn, new, as_utc(clock(), "clock()"))
+
+def _new_digest(p: PlannedDigest, now: datetime, report: GenerateReport) -> NewDigest:
+    """The row to insert for a planned digest, its notes and outcome counted."""
+    report.notes_excluded.update(why for _doc_id, why in p.notes_skipped)
+    payload: dict[str, Any] = {"source": DAILY_SOURCE, "logical_time": now.isoformat()}
+    if p.status == "skipped":
+        payload["reason"] = p.reason
+        report.skipped[p.reason or "unknown"] += 1
+    else:
+        payload["note_count"] = len(p.document_ids)
+        report.digests_created += 1
+        report.items_created += len(p.document_ids)
+    return NewDigest(p.user_id, p.scheduled_for, p.status, payload, p.document_ids)
