@@ -1,7 +1,8 @@
 """Plan limits and deployment mode (behaviour §3), as pure functions.
 
 Nothing here reads the environment or the database: callers pass the deployment mode (parsed once by
-the settings object) and the user's subscription statuses, and get numbers back.
+the settings object) and whether the user is Pro (decided in ``dbb_orchestration.audience``), and get
+numbers back.
 
 - Free: at most 500 notes, 1 source, 5 notes per digest, digest interval 3–30 days.
 - Pro: at most 10,000 notes, unlimited sources, 50 notes per digest, interval 1–30 days.
@@ -10,7 +11,6 @@ the settings object) and the user's subscription statuses, and get numbers back.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -19,7 +19,6 @@ __all__ = [
     "DEFAULT_NOTES_PER_DIGEST",
     "FREE_LIMITS",
     "PRO_LIMITS",
-    "PRO_SUBSCRIPTION_STATUSES",
     "SELF_HOSTED_LIMITS",
     "DeploymentMode",
     "PlanLimits",
@@ -28,7 +27,6 @@ __all__ = [
     "effective_interval_days",
     "effective_notes_per_digest",
     "interval_label",
-    "is_pro",
     "parse_deployment_mode",
     "plan_limits",
 ]
@@ -65,24 +63,9 @@ def _mode(mode: DeploymentMode | str) -> DeploymentMode:
     return mode if isinstance(mode, DeploymentMode) else DeploymentMode(mode)
 
 
-PRO_SUBSCRIPTION_STATUSES: frozenset[str] = frozenset({"active", "trialing"})
-
-
 def billing_enabled(mode: DeploymentMode | str) -> bool:
     """Billing exists only in the cloud; self-hosted → ``False``."""
     return _mode(mode) is DeploymentMode.CLOUD
-
-
-def is_pro(subscription_statuses: Iterable[str | None], mode: DeploymentMode | str) -> bool:
-    """Whether a user is Pro.
-
-    Self-hosted → always ``True``. In the cloud a user is Pro when any of their subscriptions has
-    status exactly ``active`` or ``trialing`` (statuses are compared as stored; ``None`` entries and
-    other statuses such as ``canceled`` or ``past_due`` do not count). No subscriptions → ``False``.
-    """
-    if _mode(mode) is DeploymentMode.SELF_HOSTED:
-        return True
-    return any(status in PRO_SUBSCRIPTION_STATUSES for status in subscription_statuses)
 
 
 @dataclass(frozen=True)

@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
+from dbb_orchestration.audience import PRO_SUBSCRIPTION_STATUSES, is_pro
 from dbb_orchestration.plans import (
     DEFAULT_INTERVAL_DAYS,
     DEFAULT_NOTES_PER_DIGEST,
-    PRO_SUBSCRIPTION_STATUSES,
     DeploymentMode,
     PlanLimits,
     billing_enabled,
@@ -17,7 +17,6 @@ from dbb_orchestration.plans import (
     effective_interval_days,
     effective_notes_per_digest,
     interval_label,
-    is_pro,
     parse_deployment_mode,
     plan_limits,
 )

@@ -34,5 +34,5 @@ def test_senders_share_one_team_pacer_and_get_their_own_breaker(
     expected = PostgresPacer if backend == "postgres" else RateLimiter
     assert isinstance(first.rate_limiter, expected)
     assert first.breaker is not second.breaker and first.breaker.threshold == 4
-    assert (first.request_timeout, first.max_retries) == (3.0, 2)
+    assert (first.request_timeout, first.retry_policy.max_retries) == (3.0, 2)
     assert isinstance(resource.sender(dry_run=True), DryRunSender)

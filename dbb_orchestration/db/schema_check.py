@@ -6,9 +6,13 @@ Nothing is written: the backend owns the schema.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy.engine import Engine
 
 from dbb_orchestration.db.tables import metadata
@@ -26,6 +30,17 @@ class SchemaProblem:
         return f"{'ERROR' if self.fatal else 'WARN '} {where}: {self.message}"
 
 
+# Simple type families by SQLAlchemy type class, most specific first (enums and timestamps need more).
+_FAMILIES: tuple[tuple[type[Any], str], ...] = (
+    (sa.JSON, "json"),
+    (sa.Boolean, "boolean"),
+    (sa.Integer, "integer"),
+    (sa.Float, "float"),
+    (sa.Numeric, "float"),
+    (sa.String, "text"),
+)
+
+
 def _family(type_: sa.types.TypeEngine, dialect: str) -> str:
     """A coarse type family that survives reflection (``TEXT`` vs ``Text()`` etc.)."""
     t = type_
@@ -33,49 +48,82 @@ def _family(type_: sa.types.TypeEngine, dialect: str) -> str:
         t = t.impl  # type: ignore[assignment]
     if isinstance(t, sa.Enum):
         return f"enum:{t.name}" if dialect == "postgresql" else "text"
-    if isinstance(t, sa.JSON):
-        return "json"
     if isinstance(t, sa.DateTime):
-        if dialect != "postgresql":
-            return "timestamp"
-        return "timestamptz" if t.timezone else "timestamp"
-    if isinstance(t, sa.Boolean):
-        return "boolean"
-    if isinstance(t, sa.Integer):
-        return "integer"
-    if isinstance(t, sa.Float | sa.Numeric):
-        return "float"
-    if isinstance(t, sa.String):
-        return "text"
-    name = type(t).__name__.upper()
-    if "JSON" in name:
-        return "json"
-    return name.lower()
+        return "timestamptz" if dialect == "postgresql" and t.timezone else "timestamp"
+    return next((name for cls, name in _FAMILIES if isinstance(t, cls)), None) or _family_by_name(t)
+
+
+def _family_by_name(type_: sa.types.TypeEngine) -> str:
+    """A dialect type none of :data:`_FAMILIES` covers, by its class name (``JSONB`` → ``json``)."""
+    name = type(type_).__name__.upper()
+    return "json" if "JSON" in name else name.lower()
 
 
 def check_schema(engine: Engine) -> list[SchemaProblem]:
-    """Every table, column, type, enum value and unique index this code needs that the database lacks."""
+    """Every table, column, type, enum value and unique index this code needs that the database lacks.
+
+    Tables, columns, types (compared by :func:`_family`) and nullability come from alembic's
+    ``compare_metadata`` (read-only reflection); unique indexes and enum values are checked here.
+    Whatever the database has beyond what this code needs (the backend's other tables, columns and
+    indexes) is not a problem."""
     dialect = engine.dialect.name
+    with engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": _type_differs})
+        diffs = compare_metadata(context, metadata)
+        problems = [p for diff in _flatten(diffs) if (p := _problem(diff, dialect)) is not None]
+        problems.extend(
+            _check_unique_indexes(sa.inspect(conn), {p.table for p in problems if p.column is None})
+        )
+    if dialect == "postgresql":
+        problems.extend(_check_enums(engine))
+    return problems
+
+
+def _type_differs(
+    context: MigrationContext,
+    inspected_column: Any,
+    metadata_column: Any,
+    inspected_type: sa.types.TypeEngine[Any],
+    metadata_type: sa.types.TypeEngine[Any],
+) -> bool:
+    dialect = context.dialect.name
+    return _family(inspected_type, dialect) != _family(metadata_type, dialect)
+
+
+def _flatten(diffs: list[Any]) -> Iterator[tuple[Any, ...]]:
+    """alembic groups a column's ``modify_*`` diffs in a list: one tuple per difference."""
+    for diff in diffs:
+        if isinstance(diff, list):
+            yield from diff
+        else:
+            yield diff
+
+
+def _problem(diff: tuple[Any, ...], dialect: str) -> SchemaProblem | None:
+    """The problem a diff means, or ``None`` for what the database may have beyond this code's needs."""
+    kind = diff[0]
+    if kind == "add_table":
+        return SchemaProblem(diff[1].name, None, "table is missing")
+    if kind == "add_column":
+        return SchemaProblem(diff[2], diff[3].name, "column is missing")
+    if kind == "modify_type":
+        _kind, _schema, table, column, _existing, live_type, want_type = diff
+        got, want = _family(live_type, dialect), _family(want_type, dialect)
+        return SchemaProblem(table, column, f"type is {got}, expected {want}")
+    if kind == "modify_nullable":
+        _kind, _schema, table, column, _existing, _live_nullable, want_nullable = diff
+        if not want_nullable and not metadata.tables[table].c[column].primary_key:
+            return SchemaProblem(table, column, "is nullable, expected NOT NULL", fatal=False)
+    return None
+
+
+def _check_unique_indexes(insp: Any, missing_tables: set[str]) -> list[SchemaProblem]:
+    """Each unique index this code relies on (upserts' conflict targets) that the live table lacks, as a
+    unique index or a unique constraint on the same columns."""
     problems: list[SchemaProblem] = []
-    insp = sa.inspect(engine)
-    live_tables = set(insp.get_table_names())
     for table in metadata.sorted_tables:
-        if table.name not in live_tables:
-            problems.append(SchemaProblem(table.name, None, "table is missing"))
+        if table.name in missing_tables:
             continue
-        live_cols = {c["name"]: c for c in insp.get_columns(table.name)}
-        for col in table.columns:
-            live = live_cols.get(col.name)
-            if live is None:
-                problems.append(SchemaProblem(table.name, col.name, "column is missing"))
-                continue
-            want, got = _family(col.type, dialect), _family(live["type"], dialect)
-            if want != got:
-                problems.append(SchemaProblem(table.name, col.name, f"type is {got}, expected {want}"))
-            if not col.nullable and live.get("nullable", True) and not col.primary_key:
-                problems.append(
-                    SchemaProblem(table.name, col.name, "is nullable, expected NOT NULL", fatal=False)
-                )
         live_unique = {
             tuple(ix["column_names"]) for ix in insp.get_indexes(table.name) if ix.get("unique")
         } | {tuple(uc["column_names"]) for uc in insp.get_unique_constraints(table.name)}
@@ -85,35 +133,33 @@ def check_schema(engine: Engine) -> list[SchemaProblem]:
                 problems.append(
                     SchemaProblem(table.name, None, f"unique index on ({', '.join(cols)}) is missing")
                 )
-    if dialect == "postgresql":
-        problems.extend(_check_enums(engine))
     return problems
 
 
 def _check_enums(engine: Engine) -> list[SchemaProblem]:
     insp = sa.inspect(engine)
     live = {e["name"]: list(e["labels"]) for e in insp.get_enums(schema="*")}  # type: ignore[attr-defined]
+    wanted = {
+        str(col.type.name): list(col.type.enums)
+        for table in metadata.sorted_tables
+        for col in table.columns
+        if isinstance(col.type, sa.Enum)
+    }
+    return [p for name, values in wanted.items() for p in _enum_problems(name, values, live.get(name))]
+
+
+def _enum_problems(name: str, want: list[str], live: list[str] | None) -> list[SchemaProblem]:
+    """A missing enum type, values this code writes that it lacks, values this code does not know."""
+    if live is None:
+        return [SchemaProblem(f"enum {name}", None, "enum type is missing")]
     problems: list[SchemaProblem] = []
-    seen: set[str] = set()
-    for table in metadata.sorted_tables:
-        for col in table.columns:
-            if not isinstance(col.type, sa.Enum) or col.type.name in seen:
-                continue
-            name = str(col.type.name)
-            seen.add(name)
-            if name not in live:
-                problems.append(SchemaProblem(f"enum {name}", None, "enum type is missing"))
-                continue
-            missing = [v for v in col.type.enums if v not in live[name]]
-            extra = [v for v in live[name] if v not in col.type.enums]
-            if missing:
-                problems.append(SchemaProblem(f"enum {name}", None, f"missing values: {', '.join(missing)}"))
-            if extra:
-                problems.append(
-                    SchemaProblem(
-                        f"enum {name}", None, f"values unknown to this code: {', '.join(extra)}", fatal=False
-                    )
-                )
+    missing = [v for v in want if v not in live]
+    extra = [v for v in live if v not in want]
+    if missing:
+        problems.append(SchemaProblem(f"enum {name}", None, f"missing values: {', '.join(missing)}"))
+    if extra:
+        message = f"values unknown to this code: {', '.join(extra)}"
+        problems.append(SchemaProblem(f"enum {name}", None, message, fatal=False))
     return problems
 
 

@@ -67,13 +67,13 @@ import sqlalchemy as sa
 
 from dbb_orchestration.config import Settings
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.bulk import insert_many, update_many
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.digests.generate import UserPlan, user_plan
 from dbb_orchestration.digests.queries import (
     PENDING_STATUSES,
     DigestRow,
     UserRow,
-    insert_many,
     load_active_sources,
     load_digest_statuses,
     load_document_counts,
@@ -84,11 +84,9 @@ from dbb_orchestration.digests.queries import (
     load_review_states,
     load_user_batch,
     lock_pending_digests,
-    update_many,
 )
 from dbb_orchestration.digests.send import (
     DEFAULT_EASE_FACTOR,
-    DUPLICATE_KEY_ERROR,
     EMPTY_SNAPSHOT,
     NO_PENDING,
     SUPERSEDED,
@@ -659,7 +657,7 @@ def _outcome(
             issues=issues,
         )
     if isinstance(failure, EmailSendError):
-        if failure.status == 409 and failure.name == DUPLICATE_KEY_ERROR:
+        if failure.already_sent_under_key:
             return _Delivery(job, "duplicate", provider=provider, accepted_at=accepted_at, issues=issues)
         unavailable = isinstance(failure, ProviderUnavailable)
         return _Delivery(

@@ -30,7 +30,6 @@ one's digests.
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from typing import Any, Literal
 
 import sqlalchemy as sa
 
+from dbb_orchestration.audience import is_sendable, plan_for
 from dbb_orchestration.config import Settings
 from dbb_orchestration.digests.queries import (
     GenerationFacts,
@@ -57,8 +57,6 @@ from dbb_orchestration.plans import (
     PlanLimits,
     effective_interval_days,
     effective_notes_per_digest,
-    is_pro,
-    plan_limits,
 )
 from dbb_orchestration.timing import (
     ResolvedTimezone,
@@ -107,18 +105,11 @@ class UserPlan:
         return ["invalid_timezone"] if self.tz.error else []
 
 
-@functools.lru_cache(maxsize=16)
-def _plan_kind(has_pro_subscription: bool, mode: DeploymentMode | str) -> tuple[bool, PlanLimits]:
-    """Pro flag and limits for a subscription flag and deployment mode (four combinations: cached)."""
-    pro = is_pro(["active"] if has_pro_subscription else [], mode)
-    return pro, plan_limits(pro, mode)
-
-
 def user_plan(row: UserRow, mode: DeploymentMode | str) -> UserPlan:
     """Settings with behaviour §3–4 defaults for a user without a settings row (interval 7, 5 notes, UTC,
     8:00), clamped to the plan (self-hosted: everyone Pro). An invalid timezone falls back to UTC (see
     ``tz.error``); an invalid send hour is kept as is and later makes the user never due."""
-    pro, limits = _plan_kind(row.has_pro_subscription, mode)
+    pro, limits = plan_for(row.has_pro_subscription, mode)
     if row.has_settings:
         interval = effective_interval_days(row.digest_interval_days, limits)
         notes = effective_notes_per_digest(row.notes_per_digest, limits)
@@ -149,7 +140,7 @@ def has_digest_on_day(plan: UserPlan, stamps: Sequence[datetime], now: datetime)
 
 def can_be_emailed(row: UserRow) -> bool:
     """The send half's candidates: verified, with a non-blank address."""
-    return bool(row.email_verified and (row.email or "").strip())
+    return is_sendable(row.email, row.email_verified)
 
 
 def generation_decision(
@@ -333,6 +324,31 @@ def _generate_batch(
     for plan in plans.values():
         report.data_issues.update(plan.issues)
     facts = load_generation_facts(conn, list(plans), now - _NEAR, now + _NEAR)
+    needy = _needy_users(plans, rows, facts, now, wall, report)
+    if not needy:
+        return
+    by_user = load_candidates(conn, needy, Candidate)
+
+    new: list[NewDigest] = []
+    for uid in needy:
+        try:
+            p = plan_digest(plans[uid], by_user[uid], now)
+        except Exception as exc:  # one user's odd data never stops the batch
+            report.data_issues[f"user_error:{type(exc).__name__}"] += 1
+            continue
+        new.append(_new_digest(p, now, report))
+    insert_digests_with_items(conn, new, as_utc(clock(), "clock()"))
+
+
+def _needy_users(
+    plans: dict[str, UserPlan],
+    rows: dict[str, UserRow],
+    facts: dict[str, GenerationFacts],
+    now: datetime,
+    wall: datetime,
+    report: GenerateReport,
+) -> list[str]:
+    """The users who get a digest in this run (:func:`generation_decision`), each decision counted."""
     needy: list[str] = []
     empty = GenerationFacts()
     for uid, plan in plans.items():
@@ -346,25 +362,18 @@ def _generate_batch(
             report.already_generated += 1
         else:
             report.not_needed[reason] += 1
-    if not needy:
-        return
-    by_user = load_candidates(conn, needy)
+    return needy
 
-    new: list[NewDigest] = []
-    for uid in needy:
-        try:
-            p = plan_digest(plans[uid], by_user[uid], now)
-        except Exception as exc:  # one user's odd data never stops the batch
-            report.data_issues[f"user_error:{type(exc).__name__}"] += 1
-            continue
-        report.notes_excluded.update(why for _doc_id, why in p.notes_skipped)
-        payload: dict[str, Any] = {"source": DAILY_SOURCE, "logical_time": now.isoformat()}
-        if p.status == "skipped":
-            payload["reason"] = p.reason
-            report.skipped[p.reason or "unknown"] += 1
-        else:
-            payload["note_count"] = len(p.document_ids)
-            report.digests_created += 1
-            report.items_created += len(p.document_ids)
-        new.append(NewDigest(p.user_id, p.scheduled_for, p.status, payload, p.document_ids))
-    insert_digests_with_items(conn, new, as_utc(clock(), "clock()"))
+
+def _new_digest(p: PlannedDigest, now: datetime, report: GenerateReport) -> NewDigest:
+    """The row to insert for a planned digest, its notes and outcome counted."""
+    report.notes_excluded.update(why for _doc_id, why in p.notes_skipped)
+    payload: dict[str, Any] = {"source": DAILY_SOURCE, "logical_time": now.isoformat()}
+    if p.status == "skipped":
+        payload["reason"] = p.reason
+        report.skipped[p.reason or "unknown"] += 1
+    else:
+        payload["note_count"] = len(p.document_ids)
+        report.digests_created += 1
+        report.items_created += len(p.document_ids)
+    return NewDigest(p.user_id, p.scheduled_for, p.status, payload, p.document_ids)

@@ -1,36 +1,26 @@
-"""Set-based loaders and writers shared by digest generation, sending and the seed digest.
+"""Set-based loaders and writers of digest generation, sending and the seed digest.
 
-Every loader takes a list of ids and issues ONE statement whatever the list's length: on Postgres the
-ids travel as a single array parameter (``col = ANY(:ids)``), on SQLite as one JSON parameter
-(``col IN (SELECT value FROM json_each(:ids))``), so neither hits a bind-parameter limit.
-
-Writers are multi-row:
-
-- :func:`insert_many` — Postgres: ``INSERT … SELECT … FROM unnest(:col1, :col2, …)`` (one statement for
-  any number of rows, one array parameter per column, optional ``ON CONFLICT … DO UPDATE`` and
-  ``RETURNING``); SQLite: the dialect's ``insert`` executed with a list of rows.
-- :func:`update_many` — Postgres: ``UPDATE … FROM unnest(…) AS v WHERE t.id = v.id``; SQLite: one
-  ``UPDATE … SET c = CASE id WHEN … END WHERE id IN (…)`` per 300 rows.
-
-Nothing here decides anything: callers pass plain values and get plain rows back.
+Every loader takes a list of ids and issues ONE statement whatever the list's length (the ids travel
+as one parameter: :func:`dbb_orchestration.db.bulk.in_ids`); multi-row writes go through
+:mod:`dbb_orchestration.db.bulk`. Nothing here decides anything: callers pass plain values and get
+plain rows back.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.sql.dml import Insert
+from sqlalchemy.dialects import postgresql
 
+from dbb_orchestration.audience import has_pro_subscription_sql, latest_active_sources_select, sendable_sql
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.bulk import in_ids, insert_many
 from dbb_orchestration.db.engine import is_postgres
-from dbb_orchestration.digests.selection import Candidate
-from dbb_orchestration.plans import PRO_SUBSCRIPTION_STATUSES
 
 __all__ = [
     "DIGEST_LOCK_KEY",
@@ -43,9 +33,7 @@ __all__ = [
     "UserRow",
     "advisory_xact_lock",
     "find_first_digest_users",
-    "in_ids",
     "insert_digests_with_items",
-    "insert_many",
     "load_active_sources",
     "load_candidates",
     "load_content_hashes",
@@ -60,31 +48,18 @@ __all__ = [
     "load_review_states",
     "load_user_batch",
     "lock_pending_digests",
-    "update_many",
 ]
+
+RowT = TypeVar("RowT")
 
 PENDING_STATUSES = ("scheduled", "failed")
 # pg_advisory_xact_lock key shared by digest generation and seed-digest creation ("dbbdigs" in ASCII):
 # two generations (or a generation and a seed) for the same users never interleave their
 # "does this user already have today's digest?" read and their insert.
 DIGEST_LOCK_KEY = 0x64626264696773
-_SQLITE_UPDATE_CHUNK = 300
 
 
 # --------------------------------------------------------------------------------------------- helpers
-
-
-def in_ids(conn: sa.Connection, column: sa.ColumnElement[Any], ids: Sequence[Any]) -> sa.ColumnElement[bool]:
-    """``column IN ids`` as one bind parameter (see the module docstring). ``ids`` must be all ``int`` or
-    all ``str``; an empty list gives a condition that is always false."""
-    values = list(ids)
-    if not values:
-        return sa.false()
-    if is_postgres(conn):
-        item_type: sa.types.TypeEngine[Any] = sa.Integer() if isinstance(values[0], int) else sa.Text()
-        return column == sa.any_(sa.bindparam(None, values, type_=postgresql.ARRAY(item_type)))
-    each = sa.func.json_each(sa.bindparam(None, json.dumps(values), type_=sa.Text())).table_valued("value")
-    return column.in_(sa.select(each.c.value))
 
 
 def advisory_xact_lock(conn: sa.Connection, key: int = DIGEST_LOCK_KEY) -> None:
@@ -92,129 +67,6 @@ def advisory_xact_lock(conn: sa.Connection, key: int = DIGEST_LOCK_KEY) -> None:
     SQLite: nothing (a SQLite database has one writer at a time anyway)."""
     if is_postgres(conn):
         conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
-
-
-def _is_json(column: sa.Column[Any]) -> bool:
-    return isinstance(column.type, sa.JSON) or "JSON" in type(column.type).__name__.upper()
-
-
-def _array_param(column: sa.Column[Any], values: list[Any]) -> tuple[sa.BindParameter[Any], bool]:
-    """An array bind parameter for ``column``'s values; the flag says whether the unnested value must be
-    cast back to the column type (enums and JSON travel as text)."""
-    col_type = column.type
-    if isinstance(col_type, sa.Enum):
-        return sa.bindparam(None, values, type_=postgresql.ARRAY(sa.Text())), True
-    if _is_json(column):
-        encoded = [None if v is None else json.dumps(v) for v in values]
-        return sa.bindparam(None, encoded, type_=postgresql.ARRAY(sa.Text())), True
-    return sa.bindparam(None, values, type_=postgresql.ARRAY(col_type)), False
-
-
-def _unnest(
-    table: sa.Table, names: Sequence[str], rows: Sequence[Mapping[str, Any]], alias: str
-) -> tuple[Any, dict[str, sa.ColumnElement[Any]]]:
-    """``unnest(:a, :b, …) AS alias(a, b, …)`` and, per column name, the expression to select (cast back
-    to the column type where needed)."""
-    params = []
-    casts: dict[str, bool] = {}
-    for name in names:
-        param, cast = _array_param(table.c[name], [row[name] for row in rows])
-        params.append(param)
-        casts[name] = cast
-    derived = sa.func.unnest(*params).table_valued(*names, name=alias).render_derived()
-    exprs: dict[str, sa.ColumnElement[Any]] = {}
-    for name in names:
-        col = derived.c[name]
-        exprs[name] = sa.cast(col, table.c[name].type) if casts[name] else col
-    return derived, exprs
-
-
-def insert_many(
-    conn: sa.Connection,
-    table: sa.Table,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    returning: Sequence[sa.Column[Any]] = (),
-    on_conflict: Callable[[Any], Insert] | None = None,
-) -> list[sa.Row[Any]]:
-    """Insert ``rows`` (all with the same keys) in one statement on Postgres; returns the ``returning``
-    columns of the inserted (or upserted) rows, in no particular order.
-
-    ``on_conflict`` receives the dialect's insert statement (Postgres or SQLite, both offer
-    ``.excluded`` and ``.on_conflict_do_update``) and returns it with the conflict clause added. No rows
-    → no statement, ``[]``.
-    """
-    if not rows:
-        return []
-    names = list(rows[0].keys())
-    if is_postgres(conn):
-        derived, exprs = _unnest(table, names, rows, "v")
-        stmt: Any = postgresql.insert(table).from_select(
-            names, sa.select(*[exprs[n] for n in names]).select_from(derived)
-        )
-        if on_conflict is not None:
-            stmt = on_conflict(stmt)
-        if returning:
-            stmt = stmt.returning(*returning)
-            return list(conn.execute(stmt).all())
-        conn.execute(stmt)
-        return []
-    stmt = sqlite.insert(table)
-    if on_conflict is not None:
-        stmt = on_conflict(stmt)
-    if returning:
-        stmt = stmt.returning(*returning)
-        return list(conn.execute(stmt, [dict(r) for r in rows]).all())
-    conn.execute(stmt, [dict(r) for r in rows])
-    return []
-
-
-def update_many(
-    conn: sa.Connection,
-    table: sa.Table,
-    rows: Sequence[Mapping[str, Any]],
-    *,
-    key: str = "id",
-    where: sa.ColumnElement[bool] | None = None,
-    returning: Sequence[sa.Column[Any]] = (),
-) -> list[sa.Row[Any]]:
-    """Set, for each row, the given columns of the table row whose ``key`` equals ``row[key]`` (all rows
-    carry the same keys); ``where`` adds a condition (a compare-and-set guard such as "status is still
-    pending"). Returns the ``returning`` columns of the rows actually updated. One statement on Postgres;
-    one per 300 rows on SQLite. No rows → no statement."""
-    if not rows:
-        return []
-    names = [n for n in rows[0] if n != key]
-    out: list[sa.Row[Any]] = []
-    if is_postgres(conn):
-        derived, exprs = _unnest(table, [key, *names], rows, "v")
-        stmt: Any = (
-            sa.update(table).values({n: exprs[n] for n in names}).where(table.c[key] == derived.c[key])
-        )
-        if where is not None:
-            stmt = stmt.where(where)
-        if returning:
-            return list(conn.execute(stmt.returning(*returning)).all())
-        conn.execute(stmt)
-        return []
-    for start in range(0, len(rows), _SQLITE_UPDATE_CHUNK):
-        chunk = rows[start : start + _SQLITE_UPDATE_CHUNK]
-        keys = [row[key] for row in chunk]
-        values = {
-            n: sa.case(
-                {row[key]: sa.literal(row[n], type_=table.c[n].type) for row in chunk},
-                value=table.c[key],
-            )
-            for n in names
-        }
-        stmt = sa.update(table).values(values).where(table.c[key].in_(keys))
-        if where is not None:
-            stmt = stmt.where(where)
-        if returning:
-            out.extend(conn.execute(stmt.returning(*returning)).all())
-        else:
-            conn.execute(stmt)
-    return out
 
 
 # --------------------------------------------------------------------------------------------- loaders
@@ -249,12 +101,7 @@ def load_user_batch(
     by id, joined with their settings and Pro flag: one statement. ``verified_only`` keeps users with a
     non-blank email and ``email_verified``; ``only_user_id`` restricts to that one user."""
     u, s = t.user, t.user_settings
-    b = t.billing_subscriptions
-    pro = (
-        sa.select(sa.literal(1))
-        .where(b.c.user_id == u.c.id, b.c.status.in_(sorted(PRO_SUBSCRIPTION_STATUSES)))
-        .exists()
-    )
+    pro = has_pro_subscription_sql(u.c.id)
     stmt = (
         sa.select(
             u.c.id,
@@ -277,7 +124,7 @@ def load_user_batch(
     if only_user_id is not None:
         stmt = stmt.where(u.c.id == only_user_id)
     if verified_only:
-        stmt = stmt.where(u.c.email_verified.is_(True), sa.func.length(sa.func.trim(u.c.email)) > 0)
+        stmt = stmt.where(sendable_sql(u))
     return [
         UserRow(
             id=r.id,
@@ -387,12 +234,16 @@ def _aware_timestamp(conn: sa.Connection, column: sa.Column[Any]) -> sa.ColumnEl
     return column
 
 
-def load_candidates(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, list[Candidate]]:
+def load_candidates(
+    conn: sa.Connection, user_ids: Sequence[str], make: Callable[..., RowT]
+) -> dict[str, list[RowT]]:
     """Selection candidates per user: every non-deleted document of these users left-joined with its
-    review state (no state row → status ``new`` and null fields): one statement. Content and hashes are
-    not loaded (:func:`insert_digests_with_items` reads the selected ones'). Users without documents get an
-    empty list."""
-    out: dict[str, list[Candidate]] = {uid: [] for uid in user_ids}
+        review state (no state row → status ``new`` and null fields): one statement. Each candidate is
+    ``make(document_id, status, priority_weight, deprioritized_until, next_due_at, last_sent_at)`` (the
+    caller's row type: this module knows nothing of selection). Content and hashes are
+        not loaded (:func:`insert_digests_with_items` reads the selected ones'). Users without documents get an
+        empty list."""
+    out: dict[str, list[RowT]] = {uid: [] for uid in user_ids}
     if not user_ids:
         return out
     doc, rs = t.documents, t.review_states
@@ -420,7 +271,7 @@ def load_candidates(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, l
     for doc_id, user_id, status, weight, deprioritized, due, last_sent in rows:
         bucket = out.get(user_id)
         if bucket is not None:
-            bucket.append(Candidate(doc_id, status or "new", weight, deprioritized, due, last_sent))
+            bucket.append(make(doc_id, status or "new", weight, deprioritized, due, last_sent))
     return out
 
 
@@ -525,20 +376,32 @@ def insert_digests_with_items(conn: sa.Connection, digests: Sequence[NewDigest],
         raise ValueError("insert_digests_with_items takes at most one digest per user")
     items = [(dg.user_id, doc, pos) for dg in digests for pos, doc in enumerate(dg.document_ids, start=1)]
     if is_postgres(conn):
-        conn.execute(
-            _INSERT_DIGESTS_WITH_ITEMS,
-            {
-                "user_ids": [dg.user_id for dg in digests],
-                "scheduled_fors": [dg.scheduled_for for dg in digests],
-                "statuses": [dg.status for dg in digests],
-                "payloads": [json.dumps(dg.payload) for dg in digests],
-                "stamp": stamp,
-                "item_user_ids": [i[0] for i in items],
-                "item_document_ids": [i[1] for i in items],
-                "item_positions": [i[2] for i in items],
-            },
-        )
-        return
+        _insert_digests_postgres(conn, digests, items, stamp)
+    else:
+        _insert_digests_sqlite(conn, digests, items, stamp)
+
+
+def _insert_digests_postgres(
+    conn: sa.Connection, digests: Sequence[NewDigest], items: list[tuple[str, int, int]], stamp: datetime
+) -> None:
+    conn.execute(
+        _INSERT_DIGESTS_WITH_ITEMS,
+        {
+            "user_ids": [dg.user_id for dg in digests],
+            "scheduled_fors": [dg.scheduled_for for dg in digests],
+            "statuses": [dg.status for dg in digests],
+            "payloads": [json.dumps(dg.payload) for dg in digests],
+            "stamp": stamp,
+            "item_user_ids": [i[0] for i in items],
+            "item_document_ids": [i[1] for i in items],
+            "item_positions": [i[2] for i in items],
+        },
+    )
+
+
+def _insert_digests_sqlite(
+    conn: sa.Connection, digests: Sequence[NewDigest], items: list[tuple[str, int, int]], stamp: datetime
+) -> None:
     rows = [
         {
             "user_id": dg.user_id,
@@ -649,18 +512,7 @@ def load_active_sources(conn: sa.Connection, user_ids: Sequence[str]) -> dict[st
     statement (``ROW_NUMBER()``). Users without an active connection are absent."""
     if not user_ids:
         return {}
-    c = t.integration_connections
-    rn = (
-        sa.func.row_number()
-        .over(partition_by=c.c.user_id, order_by=(c.c.created_at.desc(), c.c.id.desc()))
-        .label("rn")
-    )
-    inner = (
-        sa.select(c.c.user_id, c.c.kind, c.c.display_name, rn)
-        .where(in_ids(conn, c.c.user_id, user_ids), c.c.status == "active")
-        .subquery()
-    )
-    stmt = sa.select(inner.c.user_id, inner.c.kind, inner.c.display_name).where(inner.c.rn == 1)
+    stmt = latest_active_sources_select(in_ids(conn, t.integration_connections.c.user_id, user_ids))
     return {r.user_id: (r.kind, r.display_name) for r in conn.execute(stmt).all()}
 
 
@@ -718,8 +570,7 @@ def find_first_digest_users(conn: sa.Connection, now: datetime, limit: int) -> l
         .where(
             d.c.status.in_(PENDING_STATUSES),
             d.c.scheduled_for <= now,
-            u.c.email_verified.is_(True),
-            sa.func.length(sa.func.trim(u.c.email)) > 0,
+            sendable_sql(u),
             ~sent,
         )
         .group_by(d.c.user_id)

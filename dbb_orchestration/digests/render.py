@@ -7,18 +7,17 @@ user (titles, content, names, source names) is HTML-escaped; URLs in note conten
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
 from dbb_orchestration.digests.excerpt import DEFAULT_BUDGET, Block, block_to_text, note_blocks
+from dbb_orchestration.email.formatting import plural, source_label
 from dbb_orchestration.email.rendering import RenderedEmail, join_url, render_email
 from dbb_orchestration.plans import digest_timing_phrase, interval_label
 
 UNTITLED = "Untitled note"
-SOURCE_SEPARATOR = " · "
 _PREVIEW_MAX = 140
 _WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 _MONTHS = (
@@ -63,11 +62,6 @@ class DigestEmailContext:
 # ----------------------------------------------------------------------------------------- pure parts
 
 
-def plural(count: int, word: str) -> str:
-    """``plural(1, "note") == "1 note"``, ``plural(5, "note") == "5 notes"`` (also 0 → "0 notes")."""
-    return f"{count} {word}" if count == 1 else f"{count} {word}s"
-
-
 def digest_subject(*, is_first: bool, interval_days: int, note_count: int) -> str:
     """``Your first Brain Bits are ready! (5 notes)`` or ``Every week Brain Bits (1 note)``."""
     notes = plural(note_count, "note")
@@ -84,45 +78,6 @@ def greeting_name(user_name: str | None) -> str:
 def note_title(title: str | None) -> str:
     """The title trimmed, or ``Untitled note`` when missing or blank."""
     return (title or "").strip() or UNTITLED
-
-
-def _names_product(name: str, product: str) -> bool:
-    """True when ``name`` already says ``product`` as a word ("Obsidian Vault", "my notion space")."""
-    return re.search(rf"(?<!\w){re.escape(product)}(?!\w)", name, re.IGNORECASE) is not None
-
-
-def source_label(kind: str | None, name: str | None) -> str | None:
-    """``notion`` + ``Study Notes`` → ``Notion · Study Notes``; ``obsidian`` → ``Obsidian`` (``Obsidian ·
-    <name>`` when it has a display name). A display name that already names the kind is shown alone, so
-    the kind never repeats (``obsidian`` + ``Obsidian Vault`` → ``Obsidian Vault``). Another kind is
-    capitalised the same way; no kind → the name alone; neither → ``None`` (no label shown)."""
-    clean_name = (name or "").strip()
-    clean_kind = (kind or "").strip()
-    if not clean_kind:
-        return clean_name or None
-    product = {"notion": "Notion", "obsidian": "Obsidian"}.get(clean_kind.lower(), clean_kind.capitalize())
-    if not clean_name:
-        return product
-    if _names_product(clean_name, product):
-        return clean_name
-    return f"{product}{SOURCE_SEPARATOR}{clean_name}"
-
-
-def first_source_label(kind: str | None, name: str | None) -> str | None:
-    """The first digest's source wording (behaviour §8): ``obsidian`` → ``Obsidian``; ``notion`` + ``Study
-    Notes`` → ``Notion (Study Notes)`` (``Notion`` without a display name); another kind → capitalised;
-    no kind → ``None`` (the email then says "your notes"). A display name that already names the kind
-    is shown alone (``Notion Team Wiki``)."""
-    clean_kind = (kind or "").strip().lower()
-    if not clean_kind:
-        return None
-    if clean_kind == "obsidian":
-        return "Obsidian"
-    product = "Notion" if clean_kind == "notion" else clean_kind.capitalize()
-    clean_name = (name or "").strip()
-    if clean_name and _names_product(clean_name, product):
-        return clean_name  # "Notion Team Wiki", not "Notion (Notion Team Wiki)"
-    return f"{product} ({clean_name})" if clean_name else product
 
 
 def format_digest_date(day: date) -> str:

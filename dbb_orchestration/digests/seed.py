@@ -13,14 +13,15 @@ from typing import Literal
 
 import sqlalchemy as sa
 
+from dbb_orchestration.audience import plan_for
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.bulk import insert_many
 from dbb_orchestration.digests.queries import (
     advisory_xact_lock,
-    insert_many,
     load_latest_digests,
     load_user_batch,
 )
-from dbb_orchestration.plans import DeploymentMode, effective_notes_per_digest, is_pro, plan_limits
+from dbb_orchestration.plans import DeploymentMode, effective_notes_per_digest
 from dbb_orchestration.timing import as_utc
 
 __all__ = ["SEED_SOURCE", "SeedOutcome", "SeedResult", "create_seed_digest_if_needed"]
@@ -109,7 +110,7 @@ def create_seed_digest_if_needed(
     if not users:
         return SeedResult("no_user")
     user = users[0]
-    limits = plan_limits(is_pro(["active"] if user.has_pro_subscription else [], mode), mode)
+    _pro, limits = plan_for(user.has_pro_subscription, mode)
     count = effective_notes_per_digest(user.notes_per_digest if user.has_settings else None, limits)
     if count <= 0:
         return SeedResult("empty_selection")

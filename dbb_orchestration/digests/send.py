@@ -25,6 +25,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dbb_orchestration.audience import email_address
 from dbb_orchestration.config import Settings
 from dbb_orchestration.content import ContentKeyring, decode_content
 from dbb_orchestration.digests.generate import UserPlan
@@ -36,9 +37,9 @@ from dbb_orchestration.digests.queries import (
 from dbb_orchestration.digests.render import (
     DigestEmailContext,
     DigestNote,
-    first_source_label,
     render_digest_email,
 )
+from dbb_orchestration.email.formatting import first_source_label
 from dbb_orchestration.email.sender import EmailSender, OutgoingEmail
 from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
 from dbb_orchestration.plans import digest_timing_phrase
@@ -67,7 +68,6 @@ NO_PENDING = "no_pending_digest"
 DEFAULT_EASE_FACTOR = 2.5
 MIN_REVIEW_INTERVAL = 4
 MAX_REVIEW_INTERVAL = 30
-DUPLICATE_KEY_ERROR = "invalid_idempotent_request"
 _FAILED_IDS_SHOWN = 20
 
 
@@ -233,7 +233,7 @@ def build_email(
     )
     rendered = render_digest_email(ctx, frontend_url)
     email = OutgoingEmail(
-        to=(job.user.email or "").strip(),
+        to=email_address(job.user.email),
         subject=rendered.subject,
         html=rendered.html,
         text=rendered.text,

@@ -8,9 +8,14 @@ Every call is bounded in time (docs/operations.md "Delivery"):
 
 * a per-request timeout (``EMAIL_REQUEST_TIMEOUT_SECONDS``) on the SDK's HTTP client;
 * bounded retries (``EMAIL_MAX_RETRIES``) of network errors, 5xx, 429 and a concurrent use of the
-  same idempotency key, with doubling back-off (a 429's ``retry-after`` is honoured);
+  same idempotency key, with doubling back-off (a 429's ``retry-after`` is honoured), by the one retry
+  implementation every HTTP provider shares (:mod:`dbb_orchestration.http_retry`);
 * a circuit breaker: after ``EMAIL_CIRCUIT_BREAKER_FAILURES`` consecutive network failures or 5xx the
   sender stops calling the provider and every later call raises :class:`ProviderUnavailable` at once.
+
+A 409 ``invalid_idempotent_request`` ("this key was already used, with another body") is not a
+failure of the email: the key's first use was accepted. :attr:`EmailSendError.already_sent_under_key`
+says so, for digests and sequences alike.
 
 Provider messages can quote a recipient address or a key: :class:`EmailSendError` scrubs its message
 (:func:`dbb_orchestration.redaction.scrub`) and is raised without the SDK exception as its cause.
@@ -29,12 +34,17 @@ import requests
 import resend
 from resend.http_client import HTTPClient
 
+from dbb_orchestration.http_retry import (
+    RetryPolicy,
+    call_with_retries,
+    is_retryable_status,
+)
 from dbb_orchestration.ratelimit import Pacer, RateLimiter
 from dbb_orchestration.redaction import scrub
 
 _TAG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 CONCURRENT_KEY_ERROR = "concurrent_idempotent_requests"
+DUPLICATE_KEY_ERROR = "invalid_idempotent_request"
 PROVIDER_UNAVAILABLE = "provider_unavailable"
 MAX_BATCH = 100
 DEFAULT_REQUEST_TIMEOUT = 10.0
@@ -103,11 +113,13 @@ class EmailSendError(Exception):
 
     @property
     def retryable(self) -> bool:
-        return (
-            self.status is None
-            or self.status in RETRYABLE_STATUSES
-            or (self.status == 409 and self.name == CONCURRENT_KEY_ERROR)
-        )
+        return is_retryable_status(self.status) or (self.status == 409 and self.name == CONCURRENT_KEY_ERROR)
+
+    @property
+    def already_sent_under_key(self) -> bool:
+        """409 ``invalid_idempotent_request``: the idempotency key was already used (with a different
+        body), so an earlier attempt under this key was accepted: record the email as sent."""
+        return self.status == 409 and self.name == DUPLICATE_KEY_ERROR
 
     @property
     def counts_as_outage(self) -> bool:
@@ -278,9 +290,13 @@ class ResendSender:
         self.from_address = from_address
         self.reply_to = reply_to
         self.rate_limiter: Pacer = rate_limiter or RateLimiter(None)
-        self.max_retries = max_retries
-        self.base_delay = base_delay
-        self.max_delay = max_delay
+        self.retry_policy = RetryPolicy(
+            max_retries=max_retries,
+            initial=base_delay,
+            cap=max_delay,
+            max_retry_after=max_delay,
+            retry_after_floor=True,
+        )
         self.request_timeout = request_timeout
         self.breaker = breaker or CircuitBreaker()
         self._sleep = sleep
@@ -332,27 +348,33 @@ class ResendSender:
         return BatchResult(_map_batch(response, len(emails), attempts), self.provider, attempts)
 
     def _call(self, call: Callable[[], Any]) -> tuple[Any, int]:
-        attempt = 0
-        while True:
+        """The response and the number of attempts made, retried per :attr:`retry_policy`."""
+        made = 0
+
+        def attempt(number: int) -> Any:
+            nonlocal made
             if self.breaker.is_open:
-                raise ProviderUnavailable(self.breaker.threshold, attempts=attempt)
-            attempt += 1
+                raise ProviderUnavailable(self.breaker.threshold, attempts=number - 1)
+            made = number
             self.rate_limiter.acquire()
             _CALL.timeout = self.request_timeout
-            outcome = self._attempt(call, attempt)
+            outcome = self._attempt(call, number)
             if not isinstance(outcome, EmailSendError):
                 self.breaker.record(outage=False)
-                return outcome, attempt
-            error = outcome
-            self.breaker.record(outage=error.counts_as_outage)
-            if error.counts_as_outage and self.breaker.is_open:
-                raise ProviderUnavailable(self.breaker.threshold, attempts=attempt)
-            if not error.retryable or attempt > self.max_retries:
-                raise error
-            delay = self.base_delay * (2 ** (attempt - 1))
-            if error.retry_after is not None:
-                delay = max(delay, error.retry_after)
-            self._sleep(min(delay, self.max_delay))
+                return outcome
+            self.breaker.record(outage=outcome.counts_as_outage)
+            if outcome.counts_as_outage and self.breaker.is_open:
+                raise ProviderUnavailable(self.breaker.threshold, attempts=number)
+            raise outcome
+
+        response = call_with_retries(
+            attempt,
+            policy=self.retry_policy,
+            retryable=_retryable,
+            retry_after=lambda exc: getattr(exc, "retry_after", None),
+            sleep=self._sleep,
+        )
+        return response, made
 
     @staticmethod
     def _attempt(call: Callable[[], Any], attempt: int) -> Any:
@@ -374,6 +396,11 @@ class ResendSender:
             return EmailSendError(f"{type(exc).__name__}: {exc}", status=None, attempts=attempt)
 
 
+def _retryable(exc: BaseException) -> bool:
+    """A refusal worth another attempt; never once the breaker is open."""
+    return isinstance(exc, EmailSendError) and exc.retryable and not isinstance(exc, ProviderUnavailable)
+
+
 def _get(response: Any, key: str) -> Any:
     if isinstance(response, Mapping):
         return response.get(key)
@@ -384,11 +411,7 @@ def _map_batch(response: Any, size: int, attempts: int) -> tuple[BatchItemResult
     """Resend's batch answer ``{"data": [{"id"}…], "errors": [{"index", "message"}…]}`` → one result per
     email in order: ``data`` lists the ids of the accepted emails in request order, skipping the
     indexes named in ``errors``."""
-    errors: dict[int, str] = {}
-    for err in _get(response, "errors") or []:
-        index = _int_or_none(_get(err, "index"))
-        if index is not None and 0 <= index < size:
-            errors[index] = scrub(str(_get(err, "message") or "rejected"))
+    errors = _batch_errors(response, size)
     ids = [str(_get(d, "id") or "") for d in (_get(response, "data") or [])]
     if len(ids) + len(errors) != size or not all(ids):
         raise EmailSendError(
@@ -403,6 +426,16 @@ def _map_batch(response: Any, size: int, attempts: int) -> tuple[BatchItemResult
         BatchItemResult(error=errors[i]) if i in errors else BatchItemResult(provider_id=next(accepted))
         for i in range(size)
     )
+
+
+def _batch_errors(response: Any, size: int) -> dict[int, str]:
+    """The (scrubbed) per-email errors of a batch answer by index; indexes outside the batch are ignored."""
+    errors: dict[int, str] = {}
+    for err in _get(response, "errors") or []:
+        index = _int_or_none(_get(err, "index"))
+        if index is not None and 0 <= index < size:
+            errors[index] = scrub(str(_get(err, "message") or "rejected"))
+    return errors
 
 
 def _retry_after(exc: Exception) -> float | None:

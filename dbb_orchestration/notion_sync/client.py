@@ -3,8 +3,9 @@
 Retries are done here, not by the SDK. notion-client 3.1 retries 429 and 5xx on its own (2 retries, up to
 60 s apart, with random jitter), which would stack with ours (5 × 6 = 30 attempts) and sleep outside the
 rate limiter. :func:`make_sdk_client` therefore builds the client with ``retry=False`` and
-:class:`NotionApi` applies behaviour §11's policy itself, where it can also count attempts and pass every
-attempt through the connection's :class:`~dbb_orchestration.ratelimit.RateLimiter`:
+:class:`NotionApi` applies behaviour §11's policy itself (:func:`notion_retry_policy`, run by the retry
+implementation every HTTP provider shares, :mod:`dbb_orchestration.http_retry`), where it can also count
+attempts and pass every attempt through the connection's :class:`~dbb_orchestration.ratelimit.RateLimiter`:
 
 - 429 ``rate_limited``: wait ``Retry-After`` seconds as sent, bounded only by
   ``NOTION_MAX_RETRY_WAIT_SECONDS`` (default 300 s), or the back-off when the header is missing or
@@ -26,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import dagster as dg
@@ -35,6 +35,12 @@ from notion_client import Client
 from notion_client.errors import HTTPResponseError, RequestTimeoutError
 from pydantic import PrivateAttr
 
+from dbb_orchestration.http_retry import (
+    RETRYABLE_STATUSES,
+    RetryPolicy,
+    call_with_retries,
+    is_retryable_status,
+)
 from dbb_orchestration.ratelimit import RateLimiter
 from dbb_orchestration.resources import SettingsResource
 
@@ -49,6 +55,7 @@ __all__ = [
     "NotionUnauthorized",
     "RetryPolicy",
     "make_sdk_client",
+    "notion_retry_policy",
     "parse_retry_after",
     "retry_delay",
 ]
@@ -58,20 +65,21 @@ INITIAL_BACKOFF_SECONDS = 0.4
 MAX_BACKOFF_SECONDS = 10.0
 DEFAULT_MAX_RETRY_WAIT_SECONDS = 300.0
 REQUEST_TIMEOUT_MS = 60_000
-RETRYABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 _SDK_LOGGER = "dbb_orchestration.notion_sync.sdk"
 _MESSAGE_LIMIT = 300
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """At most ``max_retries`` retries; the back-off waits ``initial`` seconds doubling, capped at
-    ``cap``; a 429's ``Retry-After`` is waited as sent, bounded only by ``max_retry_after``."""
-
-    max_retries: int = MAX_RETRIES
-    initial: float = INITIAL_BACKOFF_SECONDS
-    cap: float = MAX_BACKOFF_SECONDS
-    max_retry_after: float = DEFAULT_MAX_RETRY_WAIT_SECONDS
+def notion_retry_policy(
+    *, max_retries: int = MAX_RETRIES, max_retry_after: float = DEFAULT_MAX_RETRY_WAIT_SECONDS
+) -> RetryPolicy:
+    """behaviour §11's policy: back-off from 400 ms doubling, capped at 10 s; a 429's ``Retry-After``
+    waited as sent, bounded only by ``max_retry_after``; at most ``max_retries`` retries."""
+    return RetryPolicy(
+        max_retries=max_retries,
+        initial=INITIAL_BACKOFF_SECONDS,
+        cap=MAX_BACKOFF_SECONDS,
+        max_retry_after=max_retry_after,
+    )
 
 
 class NotionApiError(Exception):
@@ -79,11 +87,14 @@ class NotionApiError(Exception):
     ``code`` Notion's error code (or ``timeout`` / ``transport_error``), ``attempts`` how many requests
     were made."""
 
-    def __init__(self, message: str, *, status: int, code: str, attempts: int = 1) -> None:
+    def __init__(
+        self, message: str, *, status: int, code: str, attempts: int = 1, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.attempts = attempts
+        self.retry_after = retry_after  # a 429's Retry-After, in seconds
 
     def as_json(self) -> dict[str, Any]:
         """A JSON-safe description for ``sync_runs.error_json`` (no tokens, no note content)."""
@@ -125,23 +136,16 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def retry_delay(status: int, retry_after: float | None, attempt: int, policy: RetryPolicy) -> float | None:
-    """How long to wait before retry number ``attempt + 1`` (``attempt`` counts from 0), or ``None`` when
-    the failure must not be retried.
-
-    Retryable: ``status`` in :data:`RETRYABLE_STATUSES`, or 0 (timeout / transport error), while
-    ``attempt < policy.max_retries``. A 429 waits ``retry_after`` when given, at most
-    ``policy.max_retry_after`` (Notion says how long its limit lasts: retrying earlier only spends the
-    retries); everything else (and a 429 without it) waits ``policy.initial · 2^attempt``, at most
-    ``policy.cap``. A negative ``attempt`` counts as 0.
-    """
-    if status != 0 and status not in RETRYABLE_STATUSES:
-        return None
+    """How long :meth:`NotionApi._call` waits before retry number ``attempt + 1`` (``attempt`` counts
+    from 0), or ``None`` when the failure is not retried: ``status`` is not retryable
+    (:func:`~dbb_orchestration.http_retry.is_retryable_status`; 0 = timeout / transport error) or the
+    retries are used up. A 429 waits ``retry_after`` when given (Notion says how long its limit lasts:
+    retrying earlier only spends the retries), at most ``policy.max_retry_after``; everything else the
+    back-off. A negative ``attempt`` counts as 0."""
     attempt = max(0, attempt)
-    if attempt >= policy.max_retries:
+    if not is_retryable_status(status) or attempt >= policy.max_retries:
         return None
-    if status == 429 and retry_after is not None:
-        return min(retry_after, max(0.0, policy.max_retry_after))
-    return min(policy.initial * (2**attempt), policy.cap)
+    return policy.delay(attempt, retry_after if status == 429 else None)
 
 
 def make_sdk_client(token: str, base_url: str, *, timeout_ms: int = REQUEST_TIMEOUT_MS) -> Client:
@@ -178,12 +182,11 @@ class NotionApi:
     ) -> None:
         self.sdk = sdk
         self.rate_limiter = rate_limiter or RateLimiter(None)
-        self.policy = policy or RetryPolicy()
+        self.policy = policy or notion_retry_policy()
         self._sleep = sleep
         self._lock = threading.Lock()
         self._requests = 0
         self._retries = 0
-        self._waited = 0.0
 
     # -- counters -------------------------------------------------------------------------------------
     @property
@@ -195,11 +198,6 @@ class NotionApi:
     def retries(self) -> int:
         with self._lock:
             return self._retries
-
-    @property
-    def retry_wait_seconds(self) -> float:
-        with self._lock:
-            return self._waited
 
     # -- calls ----------------------------------------------------------------------------------------
     def retrieve_database(self, database_id: str) -> dict[str, Any]:
@@ -231,45 +229,59 @@ class NotionApi:
 
     # -- the retry loop -------------------------------------------------------------------------------
     def _call(self, name: str, send: Callable[[], Any]) -> dict[str, Any]:
-        attempt = 0
-        while True:
-            self.rate_limiter.acquire()
-            with self._lock:
-                self._requests += 1
-            try:
-                result = send()
-            except HTTPResponseError as exc:
-                status, code = exc.status, str(getattr(exc.code, "value", exc.code))
-                retry_after = parse_retry_after(exc.headers.get("retry-after")) if status == 429 else None
-                message = f"{name}: Notion answered {status} {code}: {str(exc)[:_MESSAGE_LIMIT]}"
-            except RequestTimeoutError:
-                status, code, retry_after = 0, "timeout", None
-                message = f"{name}: request timed out"
-            except httpx.TransportError as exc:
-                status, code, retry_after = 0, "transport_error", None
-                message = f"{name}: {type(exc).__name__}"
-            else:
-                if not isinstance(result, dict):
-                    raise NotionRequestError(
-                        f"{name}: unexpected response type {type(result).__name__}",
-                        status=200,
-                        code="bad_response",
-                        attempts=attempt + 1,
-                    )
+        """``send()`` paced and retried per :attr:`policy` (:func:`retry_delay` decides)."""
+        return call_with_retries(
+            lambda number: self._attempt(name, send, number),
+            policy=self.policy,
+            retryable=_retryable,
+            retry_after=lambda exc: getattr(exc, "retry_after", None),
+            sleep=self._sleep,
+            on_retry=self._count_retry,
+        )
+
+    def _count_retry(self, _wait: float) -> None:
+        with self._lock:
+            self._retries += 1
+
+    def _attempt(self, name: str, send: Callable[[], Any], number: int) -> dict[str, Any]:
+        """One request; a failure is raised as the :class:`NotionApiError` it means (built outside the
+        ``except`` so it never carries the SDK exception, and its text, as context)."""
+        self.rate_limiter.acquire()
+        with self._lock:
+            self._requests += 1
+        error: NotionApiError
+        try:
+            result = send()
+        except HTTPResponseError as exc:
+            status, code = exc.status, str(getattr(exc.code, "value", exc.code))
+            retry_after = parse_retry_after(exc.headers.get("retry-after")) if status == 429 else None
+            message = f"{name}: Notion answered {status} {code}: {str(exc)[:_MESSAGE_LIMIT]}"
+            error = _error_for(status)(
+                message, status=status, code=code, attempts=number, retry_after=retry_after
+            )
+        except RequestTimeoutError:
+            error = NotionRequestError(
+                f"{name}: request timed out", status=0, code="timeout", attempts=number
+            )
+        except httpx.TransportError as exc:
+            message = f"{name}: {type(exc).__name__}"
+            error = NotionRequestError(message, status=0, code="transport_error", attempts=number)
+        else:
+            if isinstance(result, dict):
                 return result
-            if status == 401:
-                raise NotionUnauthorized(message, status=status, code=code, attempts=attempt + 1)
-            if status == 404:
-                raise NotionNotFound(message, status=status, code=code, attempts=attempt + 1)
-            delay = retry_delay(status, retry_after, attempt, self.policy)
-            if delay is None:
-                raise NotionRequestError(message, status=status, code=code, attempts=attempt + 1)
-            with self._lock:
-                self._retries += 1
-                self._waited += delay
-            if delay > 0:
-                self._sleep(delay)
-            attempt += 1
+            message = f"{name}: unexpected response type {type(result).__name__}"
+            error = NotionRequestError(message, status=200, code="bad_response", attempts=number)
+        raise error
+
+
+def _error_for(status: int) -> type[NotionApiError]:
+    """401 → :class:`NotionUnauthorized`, 404 → :class:`NotionNotFound`, else :class:`NotionRequestError`."""
+    return {401: NotionUnauthorized, 404: NotionNotFound}.get(status, NotionRequestError)
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Timeouts, transport errors and retryable statuses (:func:`retry_delay`'s rule)."""
+    return isinstance(exc, NotionRequestError) and is_retryable_status(exc.status)
 
 
 class NotionResource(dg.ConfigurableResource):
@@ -293,7 +305,7 @@ class NotionResource(dg.ConfigurableResource):
         return NotionApi(
             make_sdk_client(token, settings.notion_api_url),
             rate_limiter=RateLimiter(settings.notion_requests_per_second),
-            policy=RetryPolicy(max_retry_after=settings.notion_max_retry_wait_seconds),
+            policy=notion_retry_policy(max_retry_after=settings.notion_max_retry_wait_seconds),
         )
 
     @contextmanager

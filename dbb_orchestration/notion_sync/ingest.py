@@ -39,12 +39,12 @@ from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
+from dbb_orchestration.audience import has_pro_subscription_sql, plan_for
 from dbb_orchestration.content import ContentKeyring, encode_content, storable_json, storable_text
 from dbb_orchestration.db import tables as t
-from dbb_orchestration.db.engine import is_postgres
-from dbb_orchestration.plans import DeploymentMode, is_pro, plan_limits
+from dbb_orchestration.db.bulk import dialect_insert
+from dbb_orchestration.plans import DeploymentMode
 
 __all__ = [
     "NOTE_LIMIT_REACHED",
@@ -237,10 +237,8 @@ def count_live_documents(conn: sa.Connection, user_id: str) -> int:
 def note_limit_for_user(conn: sa.Connection, user_id: str, mode: DeploymentMode | str) -> int | None:
     """The user's ``max_notes`` (behaviour §3): self-hosted ``None`` (no cap); cloud 10,000 when any
     subscription is ``active``/``trialing``, else 500."""
-    statuses = conn.execute(
-        sa.select(t.billing_subscriptions.c.status).where(t.billing_subscriptions.c.user_id == user_id)
-    ).scalars()
-    return plan_limits(is_pro(list(statuses), mode), mode).max_notes
+    has_pro = bool(conn.execute(sa.select(has_pro_subscription_sql(sa.literal(user_id)))).scalar_one())
+    return plan_for(has_pro, mode)[1].max_notes
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,10 +294,6 @@ def is_unstorable_row_error(exc: BaseException) -> bool:
     return isinstance(exc, sa.exc.StatementError) and isinstance(exc.orig, UnicodeError | ValueError)
 
 
-def _insert(conn: sa.Connection) -> Any:
-    return postgresql.insert if is_postgres(conn) else sqlite.insert
-
-
 _CONFLICT_KEYS = [_DOCS.c.user_id, _DOCS.c.connection_id, _DOCS.c.external_id]
 _UPSERT_COLUMNS = (
     "title",
@@ -324,7 +318,7 @@ def upsert_documents(conn: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> 
     write that happened after the decision wins."""
     if not rows:
         return set()
-    stmt = _insert(conn)(_DOCS).values([dict(r) for r in rows])
+    stmt = dialect_insert(conn)(_DOCS).values([dict(r) for r in rows])
     incoming = stmt.excluded.updated_at_source
     not_stale = sa.and_(
         sa.or_(_DOCS.c.updated_at_source.is_(None), _DOCS.c.updated_at_source <= incoming),
@@ -437,7 +431,7 @@ def read_sync_state(conn: sa.Connection, connection_id: int) -> SyncStateSnapsho
 
 
 def _upsert_sync_state(conn: sa.Connection, connection_id: int, values: Mapping[str, Any]) -> None:
-    stmt = _insert(conn)(t.sync_state).values(connection_id=connection_id, **values)
+    stmt = dialect_insert(conn)(t.sync_state).values(connection_id=connection_id, **values)
     stmt = stmt.on_conflict_do_update(
         index_elements=[t.sync_state.c.connection_id], set_={k: stmt.excluded[k] for k in values}
     )

@@ -15,6 +15,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dbb_orchestration.audience import active_source_sql
 from dbb_orchestration.db import tables as t
 
 __all__ = [
@@ -45,7 +46,7 @@ def _eligible_join() -> tuple[Any, list[Any]]:
             a.c.access_token != "",
         ),
     )
-    return joined, [c.c.kind == "notion", c.c.status == "active"]
+    return joined, [c.c.kind == "notion", active_source_sql(c)]
 
 
 def find_sync_targets(conn: sa.Connection, connection_ids: Collection[int] | None = None) -> list[SyncTarget]:

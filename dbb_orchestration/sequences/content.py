@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from dbb_orchestration.digests.render import first_source_label, plural
+from dbb_orchestration.email.formatting import first_source_label, plural
 from dbb_orchestration.email.rendering import RenderedEmail, join_url, render_email
 from dbb_orchestration.plans import FREE_LIMITS, PRO_LIMITS, digest_timing_phrase, interval_label
 from dbb_orchestration.sequences.steps import STEPS, get_step, require_sequence

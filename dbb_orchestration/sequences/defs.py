@@ -14,6 +14,7 @@ Logs and metadata carry ids and counts only, never addresses, names or email bod
 
 # No ``from __future__ import annotations``: Dagster reads the Config/resource annotations at runtime.
 
+import dataclasses
 from collections.abc import Collection, Iterator, Sequence
 from datetime import UTC, datetime
 
@@ -25,8 +26,9 @@ from dbb_orchestration.config import SettingsError
 from dbb_orchestration.redaction import scrub
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
 from dbb_orchestration.sequences.discover import discover_upgrade_candidates
-from dbb_orchestration.sequences.due import PlannedRun, describe_tick, evaluate_tick, mapping_key
-from dbb_orchestration.sequences.process import StepConfigError, StepRef, StepSendFailed, process_step
+from dbb_orchestration.sequences.due import PlannedRun, describe_tick, evaluate_tick
+from dbb_orchestration.sequences.process import StepConfigError, StepSendFailed, process_step
+from dbb_orchestration.sequences.steps import SequenceStep
 
 __all__ = [
     "DISCOVER_OP",
@@ -61,7 +63,8 @@ _RUN_QUERY_CHUNK = 500
 
 
 class SequenceStepConfig(dg.Config):
-    """Identifies the state row and the step to process (the sensor fills it)."""
+    """A :class:`~dbb_orchestration.sequences.steps.SequenceStep` in a run's config (the same fields; the
+    sensor fills it)."""
 
     state_id: int = Field(description="email_sequence_states.id")
     sequence_name: str = Field(description="welcome, onboarding or upgrade")
@@ -82,7 +85,7 @@ def _require_sender_settings(email: EmailResource, dry_run: bool) -> None:
 
 @dg.op(
     name=PLAN_OP,
-    out=dg.DynamicOut(StepRef),
+    out=dg.DynamicOut(SequenceStep),
     description="Fans the run's due steps out, one dynamic step per idempotency key.",
 )
 def email_sequence_plan(
@@ -90,14 +93,14 @@ def email_sequence_plan(
     config: SequenceRunConfig,
     settings: SettingsResource,
     email: EmailResource,
-) -> Iterator[dg.DynamicOutput[StepRef]]:
+) -> Iterator[dg.DynamicOutput[SequenceStep]]:
     s = settings.get()
     if s.billing_enabled:
         _require_sender_settings(email, s.sequence_email_dry_run)  # before any step is fanned out
     seen: set[str] = set()
     for item in config.steps:
-        ref = StepRef(item.state_id, item.sequence_name, item.user_id, item.step)
-        key = mapping_key(ref.key, ref.state_id)
+        ref = SequenceStep(**item.model_dump())
+        key = ref.mapping_key
         if key in seen:  # the same step twice in one config: process it once
             continue
         seen.add(key)
@@ -113,7 +116,7 @@ def email_sequence_plan(
 )
 def email_sequence_step(
     context: dg.OpExecutionContext,
-    ref: StepRef,
+    ref: SequenceStep,
     settings: SettingsResource,
     database: DatabaseResource,
     email: EmailResource,
@@ -183,15 +186,7 @@ def _unfinished(instance: dg.DagsterInstance, run_keys: Sequence[str]) -> Collec
 
 
 def _run_request(run: PlannedRun) -> dg.RunRequest:
-    steps = [
-        SequenceStepConfig(
-            state_id=launch.step.state_id,
-            sequence_name=launch.step.sequence_name,
-            user_id=launch.step.user_id,
-            step=launch.step.step,
-        )
-        for launch in run.launches
-    ]
+    steps = [SequenceStepConfig(**dataclasses.asdict(launch.step)) for launch in run.launches]
     sequences = sorted({launch.step.sequence_name for launch in run.launches})
     return dg.RunRequest(
         run_key=run.run_key,

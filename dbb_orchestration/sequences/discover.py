@@ -14,11 +14,12 @@ from datetime import datetime
 from typing import Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
+from dbb_orchestration.audience import has_pro_subscription_sql
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.bulk import dialect_insert
 from dbb_orchestration.db.engine import is_postgres
-from dbb_orchestration.plans import PRO_SUBSCRIPTION_STATUSES, DeploymentMode, billing_enabled
+from dbb_orchestration.plans import DeploymentMode, billing_enabled
 from dbb_orchestration.timing import require_aware
 
 __all__ = ["MIN_SENT_DIGESTS", "DiscoverResult", "discover_upgrade_candidates", "enrol_statement"]
@@ -34,7 +35,7 @@ class DiscoverResult:
 
 def enrol_statement(entered_at: datetime, *, postgres: bool) -> sa.Insert:
     """The ``INSERT … SELECT … ON CONFLICT DO NOTHING`` (exposed for EXPLAIN and tests)."""
-    d, b, s = t.note_digests, t.billing_subscriptions, t.email_sequence_states
+    d, s = t.note_digests, t.email_sequence_states
     engaged = (
         sa.select(d.c.user_id)
         .where(d.c.status == "sent")
@@ -42,9 +43,7 @@ def enrol_statement(entered_at: datetime, *, postgres: bool) -> sa.Insert:
         .having(sa.func.count() >= MIN_SENT_DIGESTS)
         .subquery("engaged")
     )
-    pro = sa.exists().where(
-        b.c.user_id == engaged.c.user_id, b.c.status.in_(sorted(PRO_SUBSCRIPTION_STATUSES))
-    )
+    pro = has_pro_subscription_sql(engaged.c.user_id)
     enrolled = sa.exists().where(s.c.user_id == engaged.c.user_id, s.c.sequence_name == "upgrade")
     # The WHERE clause is also what SQLite needs to parse INSERT … SELECT … ON CONFLICT unambiguously.
     source = sa.select(
@@ -54,7 +53,7 @@ def enrol_statement(entered_at: datetime, *, postgres: bool) -> sa.Insert:
         sa.literal("active", t.email_sequence_status),
         sa.literal(entered_at, s.c.entered_at.type),
     ).where(~pro, ~enrolled)
-    insert = postgresql.insert if postgres else sqlite.insert
+    insert = dialect_insert(postgres)
     return (
         insert(s)
         .from_select(["user_id", "sequence_name", "current_step", "status", "entered_at"], source)

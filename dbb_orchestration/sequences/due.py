@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -51,16 +51,16 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 
+from dbb_orchestration.audience import sendable_sql
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
-from dbb_orchestration.sequences.steps import STEPS, idempotency_key
+from dbb_orchestration.sequences.steps import STEPS, SequenceStep
 from dbb_orchestration.timing import require_aware
 
 __all__ = [
     "BACKOFF_SECONDS",
     "CursorEntry",
     "DueScan",
-    "DueStep",
     "Launch",
     "PlannedRun",
     "TickPlan",
@@ -73,7 +73,6 @@ __all__ = [
     "find_due_steps",
     "group_runs",
     "load_positions",
-    "mapping_key",
     "mark_finished",
     "parse_cursor",
     "plan_tick",
@@ -86,32 +85,11 @@ BACKOFF_SECONDS: Final[tuple[int, ...]] = (600, 1800, 7200, 21600)
 PRUNE_CHUNK: Final = 10_000
 JIT_OFF: Final = "SET LOCAL jit = off"
 CURSOR_VERSION: Final = 2
-_NOT_MAPPING: Final = re.compile(r"[^A-Za-z0-9]")
-_PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9-]*-[0-9]+")
-_BLANKS: Final = (" ", "\t", "\n", "\r")
-
-
-@dataclass(frozen=True)
-class DueStep:
-    state_id: int
-    user_id: str
-    sequence_name: str
-    step: int
-
-    @property
-    def key(self) -> str:
-        """The step's provider idempotency key."""
-        return idempotency_key(self.sequence_name, self.user_id, self.step)
-
-    @property
-    def mapping_key(self) -> str:
-        """Its dynamic-step key inside a run (:func:`mapping_key`)."""
-        return mapping_key(self.key, self.state_id)
 
 
 @dataclass(frozen=True)
 class DueScan:
-    steps: list[DueStep]  # at most ``limit``, oldest anchor first
+    steps: list[SequenceStep]  # at most ``limit``, oldest anchor first
     due: int  # due steps of verified users (all of them, not only the returned ones)
     unverified: int  # due steps whose user has no email or an unverified one (not returned)
     blocked: int  # active onboarding states without a first sent digest
@@ -156,14 +134,9 @@ def _due_query(now: datetime, limit: int) -> sa.Select[Any]:
     )
     is_due = sa.or_(active.c.current_step > last, active.c.anchor <= cutoff)
     # looked up by primary key for due rows only (a join would hash the whole user table)
-    # the step strips the address before sending; an address of blanks only is not sendable
-    stripped: sa.ColumnElement[Any] = u.c.email
-    for blank in _BLANKS:
-        stripped = sa.func.replace(stripped, blank, "")
+    # the very rule the step applies before sending (audience.is_sendable)
     sendable = (
-        sa.select(sa.case((sa.and_(u.c.email_verified.is_(sa.true()), stripped != ""), 1), else_=0))
-        .where(u.c.id == active.c.user_id)
-        .scalar_subquery()
+        sa.select(sa.case((sendable_sql(u), 1), else_=0)).where(u.c.id == active.c.user_id).scalar_subquery()
     )
     due = (
         sa.select(
@@ -225,7 +198,7 @@ def find_due_steps(conn: sa.Connection, *, now: datetime, limit: int) -> DueScan
         return DueScan([], 0, 0, 0)
     first = rows[0]
     steps = [
-        DueStep(int(row.id), str(row.user_id), str(row.sequence_name), int(row.current_step))
+        SequenceStep(int(row.id), str(row.user_id), str(row.sequence_name), int(row.current_step))
         for row in rows
         if row.id is not None
     ]
@@ -266,35 +239,53 @@ def parse_cursor(raw: str | None) -> dict[str, CursorEntry]:
 
     Version 1 cursors (one run per step, ``[attempts, last launch, state id, step]``) are read with the
     run key that version used (``run_key_for(key, attempts)``) and the launch time as the end time."""
-    if not raw:
+    loaded = _load_cursor_json(raw)
+    if loaded is None:
         return {}
+    version, runs, keys = loaded
+    entries: dict[str, CursorEntry] = {}
+    for key, value in keys.items():
+        entry = _cursor_entry(key, value, version, runs)
+        if entry is not None:
+            entries[key] = entry
+    return entries
+
+
+def _load_cursor_json(raw: str | None) -> tuple[int, list[str], dict[Any, Any]] | None:
+    """``(version, run keys, entries)`` of a well-formed cursor of a known version, else ``None``."""
+    if not raw:
+        return None
     try:
         data = json.loads(raw)
     except ValueError:
-        return {}
+        return None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), dict):
-        return {}
-    version = data.get("v")
-    raw_runs = data.get("runs", [])
-    if not (isinstance(raw_runs, list) and all(isinstance(r, str) for r in raw_runs)):
-        return {}
-    runs: list[str] = raw_runs
+        return None
+    version, runs = data.get("v"), data.get("runs", [])
+    if not (isinstance(runs, list) and all(isinstance(r, str) for r in runs)):
+        return None
     if version not in (1, CURSOR_VERSION):
-        return {}
-    entries: dict[str, CursorEntry] = {}
-    for key, value in data["keys"].items():
-        if not isinstance(key, str) or not isinstance(value, list):
-            continue
-        ints = all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        if version == 1 and len(value) == 4 and ints:
-            attempts, launched, state_id, step = value
-            entries[key] = CursorEntry(
-                attempts, launched, state_id, step, launched, run_key_for(key, attempts)
-            )
-        elif version == CURSOR_VERSION and len(value) == 6 and ints and 0 <= value[5] < len(runs):
-            attempts, launched, state_id, step, ended, run_index = value
-            entries[key] = CursorEntry(attempts, launched, state_id, step, ended, runs[run_index])
-    return entries
+        return None
+    return int(version), runs, data["keys"]
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _cursor_entry(key: object, value: object, version: int, runs: Sequence[str]) -> CursorEntry | None:
+    """One cursor entry (version 1: ``[attempts, last launch, state id, step]``; version 2 adds the end
+    time and the run key's index), or ``None`` when malformed."""
+    if not isinstance(key, str) or not _int_list(value):
+        return None
+    assert isinstance(value, list)
+    if version == 1 and len(value) == 4:
+        attempts, launched, state_id, step = value
+        return CursorEntry(attempts, launched, state_id, step, launched, run_key_for(key, attempts))
+    if version == CURSOR_VERSION and len(value) == 6 and 0 <= value[5] < len(runs):
+        attempts, launched, state_id, step, ended, run_index = value
+        return CursorEntry(attempts, launched, state_id, step, ended, runs[run_index])
+    return None
 
 
 def dump_cursor(entries: Mapping[str, CursorEntry]) -> str:
@@ -347,16 +338,6 @@ def run_key_for(key: str, attempt: int) -> str:
     return key if attempt <= 1 else f"{key}:attempt-{attempt}"
 
 
-def mapping_key(key: str, state_id: int) -> str:
-    """The dynamic-step key of a step in a run: its idempotency key with every character outside
-    ``A-Za-z0-9`` as ``_`` (``sequence_welcome_u1_2``). That is one-to-one for keys made of letters,
-    digits and ``-`` that end in ``-<step>``; any other key (another character in the user id, or cut
-    to 256 characters) gets ``_s<state id>`` appended. A plain key's last part is all digits, a
-    suffixed one's starts with ``s``, so the two forms never meet."""
-    plain = _NOT_MAPPING.sub("_", key)
-    return plain if _PLAIN_KEY.fullmatch(key) else f"{plain}_s{state_id}"
-
-
 def batch_run_key(attempt_keys: Iterable[str]) -> str:
     """The run key of a run carrying the given step attempts (``run_key_for`` values): the same set
     always gives the same key, so a tick that is evaluated twice launches nothing twice."""
@@ -370,7 +351,7 @@ def batch_run_key(attempt_keys: Iterable[str]) -> str:
 
 @dataclass(frozen=True)
 class Launch:
-    step: DueStep
+    step: SequenceStep
     attempt: int
 
     @property
@@ -406,8 +387,23 @@ def group_runs(launches: Sequence[Launch], per_run: int) -> list[PlannedRun]:
     return [PlannedRun(batch_run_key(launch.attempt_key for launch in group), group) for group in groups]
 
 
+def launch_attempt(entry: CursorEntry | None, *, now_epoch: int, max_attempts: int) -> tuple[int, str | None]:
+    """The attempt number a due step would be launched as, and why it is not launched now
+    (``exhausted``, ``running``: its last run has not ended, ``waiting``: inside its back-off) or
+    ``None``. A step without an entry is a first attempt."""
+    if entry is None:
+        return 1, None
+    if entry.attempts >= max_attempts:
+        return entry.attempts, "exhausted"
+    if entry.ended_at == 0:
+        return entry.attempts, "running"
+    if now_epoch - entry.ended_at < backoff_seconds(entry.attempts):
+        return entry.attempts, "waiting"
+    return entry.attempts + 1, None
+
+
 def plan_tick(
-    steps: Sequence[DueStep],
+    steps: Sequence[SequenceStep],
     entries: Mapping[str, CursorEntry],
     *,
     now_epoch: int,
@@ -426,29 +422,19 @@ def plan_tick(
     max_attempts = max(1, max_attempts)
     cap = max(0, cap)
     launches: list[Launch] = []
-    waiting = running = exhausted = capped = 0
+    held: Counter[str] = Counter()
     seen: set[str] = set()
     for step in steps:
-        key = step.key
-        if key in seen:
+        if step.key in seen:
             continue
-        seen.add(key)
-        entry = entries.get(key)
-        if entry is None:
-            attempt = 1
-        elif entry.attempts >= max_attempts:
-            exhausted += 1
-            continue
-        elif entry.ended_at == 0:
-            running += 1
-            continue
-        elif now_epoch - entry.ended_at < backoff_seconds(entry.attempts):
-            waiting += 1
-            continue
-        else:
-            attempt = entry.attempts + 1
-        if len(launches) >= cap:
-            capped += 1
+        seen.add(step.key)
+        attempt, why_not = launch_attempt(
+            entries.get(step.key), now_epoch=now_epoch, max_attempts=max_attempts
+        )
+        if why_not is None and len(launches) >= cap:
+            why_not = "capped"
+        if why_not is not None:
+            held[why_not] += 1
             continue
         launches.append(Launch(step, attempt))
     runs = group_runs(launches, per_run)
@@ -463,10 +449,10 @@ def plan_tick(
         launches=launches,
         cursor=cursor,
         runs=runs,
-        waiting=waiting,
-        running=running,
-        exhausted=exhausted,
-        capped=capped,
+        waiting=held["waiting"],
+        running=held["running"],
+        exhausted=held["exhausted"],
+        capped=held["capped"],
         retries=sum(1 for launch in launches if launch.attempt > 1),
         pruned=pruned,
     )

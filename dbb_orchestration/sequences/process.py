@@ -46,27 +46,32 @@ from enum import StrEnum
 from typing import Any, Literal
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
+from dbb_orchestration.audience import (
+    email_address,
+    has_pro_subscription_sql,
+    is_sendable,
+    latest_active_source_id_sql,
+    plan_for,
+)
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.db.bulk import dialect_insert
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.email.sender import EmailSender, EmailSendError, OutgoingEmail
 from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
 from dbb_orchestration.plans import (
-    PRO_SUBSCRIPTION_STATUSES,
     DeploymentMode,
     billing_enabled,
     effective_interval_days,
     effective_notes_per_digest,
-    is_pro,
-    plan_limits,
 )
 from dbb_orchestration.sequences.content import SequenceEmailValues, render_sequence_email
 from dbb_orchestration.sequences.steps import (
+    SequenceName,
+    SequenceStep,
     email_id,
     email_tags,
     get_step,
-    idempotency_key,
     is_due,
     last_step,
     require_sequence,
@@ -78,7 +83,6 @@ __all__ = [
     "StateRow",
     "StepConfigError",
     "StepOutcome",
-    "StepRef",
     "StepResult",
     "StepSendFailed",
     "UserFacts",
@@ -89,8 +93,6 @@ __all__ = [
     "load_user_facts",
     "process_step",
 ]
-
-DUPLICATE_KEY_ERROR = "invalid_idempotent_request"
 
 
 class StepOutcome(StrEnum):
@@ -115,27 +117,13 @@ class StepConfigError(ValueError):
 class StepSendFailed(Exception):
     """The provider refused or failed; nothing was written. Carries ids only, never addresses."""
 
-    def __init__(self, ref: StepRef, error: EmailSendError) -> None:
+    def __init__(self, ref: SequenceStep, error: EmailSendError) -> None:
         self.ref = ref
         self.error = error
         super().__init__(
             f"sending {email_id(ref.sequence_name, ref.step)} for state {ref.state_id} failed: "
             f"status={error.status} error={error.name or type(error).__name__} attempts={error.attempts}"
         )
-
-
-@dataclass(frozen=True)
-class StepRef:
-    """Which state row and which step a run is about (the job's config)."""
-
-    state_id: int
-    sequence_name: str
-    user_id: str
-    step: int
-
-    @property
-    def key(self) -> str:
-        return idempotency_key(self.sequence_name, self.user_id, self.step)
 
 
 @dataclass(frozen=True)
@@ -177,7 +165,7 @@ class Decision:
 @dataclass(frozen=True)
 class StepResult:
     outcome: StepOutcome
-    ref: StepRef
+    ref: SequenceStep
     email_id: str | None = None
     provider: str | None = None
     provider_id: str | None = None
@@ -205,11 +193,20 @@ class StepResult:
 
 
 def decide(
-    ref: StepRef, state: StateRow | None, facts: UserFacts | None, *, now: datetime, billing: bool
+    ref: SequenceStep, state: StateRow | None, facts: UserFacts | None, *, now: datetime, billing: bool
 ) -> Decision:
     """behaviour §9 checks 1–5 in order; the first that applies decides. Raises :class:`StepConfigError` when
     ``state`` belongs to another user or sequence than ``ref`` says. Naive ``now`` → ``ValueError``."""
     require_aware(now, "now")
+    early = _row_check(ref, state, facts)
+    if early is not None or state is None or facts is None:
+        return early or Decision("none", StepOutcome.NOT_FOUND)
+    sequence = require_sequence(state.sequence_name)
+    return _exit_check(sequence, facts, billing) or _step_check(ref, sequence, state, facts, now)
+
+
+def _row_check(ref: SequenceStep, state: StateRow | None, facts: UserFacts | None) -> Decision | None:
+    """Checks 1–2: the row exists and is still at this step, the user exists and can be emailed."""
     if state is None:
         return Decision("none", StepOutcome.NOT_FOUND)
     if state.user_id != ref.user_id or state.sequence_name != ref.sequence_name:
@@ -220,34 +217,39 @@ def decide(
         return Decision("none", StepOutcome.STALE)
     if facts is None:
         return Decision("none", StepOutcome.NOT_FOUND)
-    if not (facts.email or "").strip() or not facts.email_verified:
+    if not is_sendable(facts.email, facts.email_verified):
         return Decision("none", StepOutcome.UNVERIFIED)
-    sequence = require_sequence(state.sequence_name)
+    return None
+
+
+def _exit_check(sequence: str, facts: UserFacts, billing: bool) -> Decision | None:
+    """Check 3: ``welcome`` exits once connected; ``onboarding``/``upgrade`` once Pro (billing on)."""
     if sequence == "welcome" and facts.has_connection:
         return Decision("exit", StepOutcome.EXITED, "connected")
     if sequence in ("onboarding", "upgrade") and billing and facts.has_pro_subscription:
         return Decision("exit", StepOutcome.EXITED, "upgraded")
+    return None
+
+
+def _step_check(
+    ref: SequenceStep, sequence: SequenceName, state: StateRow, facts: UserFacts, now: datetime
+) -> Decision:
+    """Checks 4–5: past the last step → complete; otherwise send when the step is due."""
     if ref.step > last_step(sequence):
         return Decision("complete", StepOutcome.COMPLETED)
     if ref.step < 1:
         return Decision("none", StepOutcome.INVALID_STEP)
-    if not is_due(
-        sequence,
-        ref.step,
-        now=now,
-        entered_at=state.entered_at,
-        first_digest_sent_at=facts.first_digest_sent_at,
-    ):
-        blocked = sequence == "onboarding" and facts.first_digest_sent_at is None
-        return Decision("none", StepOutcome.BLOCKED if blocked else StepOutcome.NOT_DUE)
-    return Decision("send", StepOutcome.SENT)
+    first_sent = facts.first_digest_sent_at
+    if is_due(sequence, ref.step, now=now, entered_at=state.entered_at, first_digest_sent_at=first_sent):
+        return Decision("send", StepOutcome.SENT)
+    blocked = sequence == "onboarding" and first_sent is None
+    return Decision("none", StepOutcome.BLOCKED if blocked else StepOutcome.NOT_DUE)
 
 
 def email_values(facts: UserFacts, mode: DeploymentMode | str) -> SequenceEmailValues:
     """Template values for ``facts``: Pro per :func:`plans.is_pro`, interval and notes per digest clamped
     to the user's plan."""
-    pro = is_pro(["active"] if facts.has_pro_subscription else [], mode)
-    limits = plan_limits(pro, mode)
+    pro, limits = plan_for(facts.has_pro_subscription, mode)
     return SequenceEmailValues(
         user_name=facts.name,
         is_pro=pro,
@@ -284,15 +286,9 @@ def load_state(conn: sa.Connection, state_id: int, *, lock: bool = False) -> Sta
 
 def _facts_query(user_id: str) -> sa.Select[Any]:
     u, s, d, i = t.user, t.user_settings, t.note_digests, t.note_digest_items
-    c, b = t.integration_connections, t.billing_subscriptions
+    c = t.integration_connections
     sent = sa.and_(d.c.user_id == u.c.id, d.c.status == "sent")
-    latest_source = (
-        sa.select(c.c.id)
-        .where(c.c.user_id == u.c.id, c.c.status == "active")
-        .order_by(c.c.created_at.desc(), c.c.id.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
+    latest_source = latest_active_source_id_sql(u.c.id)
     source = c.alias("source")
     return (
         sa.select(
@@ -309,7 +305,7 @@ def _facts_query(user_id: str) -> sa.Select[Any]:
             .where(sent)
             .scalar_subquery(),
             sa.exists().where(c.c.user_id == u.c.id),
-            sa.exists().where(b.c.user_id == u.c.id, b.c.status.in_(sorted(PRO_SUBSCRIPTION_STATUSES))),
+            has_pro_subscription_sql(u.c.id),
             source.c.kind,
             source.c.display_name,
         )
@@ -344,13 +340,13 @@ def load_user_facts(conn: sa.Connection, user_id: str) -> UserFacts | None:
 # --------------------------------------------------------------------------------------------- writes
 
 
-def _cas(ref: StepRef) -> sa.ColumnElement[bool]:
+def _cas(ref: SequenceStep) -> sa.ColumnElement[bool]:
     return sa.and_(
         _states.c.id == ref.state_id, _states.c.current_step == ref.step, _states.c.status == "active"
     )
 
 
-def _transition(conn: sa.Connection, ref: StepRef, decision: Decision, now: datetime) -> bool:
+def _transition(conn: sa.Connection, ref: SequenceStep, decision: Decision, now: datetime) -> bool:
     values: dict[str, Any] = {"completed_at": now}
     if decision.action == "exit":
         values.update(status="exited", exit_reason=decision.exit_reason)
@@ -359,7 +355,7 @@ def _transition(conn: sa.Connection, ref: StepRef, decision: Decision, now: date
     return conn.execute(sa.update(_states).where(_cas(ref)).values(**values)).rowcount == 1
 
 
-def _advance(conn: sa.Connection, ref: StepRef, now: datetime) -> bool:
+def _advance(conn: sa.Connection, ref: SequenceStep, now: datetime) -> bool:
     values: dict[str, Any] = {"current_step": ref.step + 1, "last_email_sent_at": now}
     if ref.step >= last_step(ref.sequence_name):
         values.update(status="completed", completed_at=now)
@@ -367,7 +363,7 @@ def _advance(conn: sa.Connection, ref: StepRef, now: datetime) -> bool:
 
 
 def _record_send(
-    conn: sa.Connection, ref: StepRef, *, provider: str, provider_id: str | None, now: datetime
+    conn: sa.Connection, ref: SequenceStep, *, provider: str, provider_id: str | None, now: datetime
 ) -> bool:
     """``INSERT … ON CONFLICT (idempotency_key) DO NOTHING``; ``True`` when a row was inserted."""
     values = {
@@ -380,7 +376,7 @@ def _record_send(
         "sent_at": now,
         "payload_json": {"provider": provider, "step": ref.step},
     }
-    insert = postgresql.insert if is_postgres(conn) else sqlite.insert
+    insert = dialect_insert(conn)
     statement = (
         insert(t.email_sends)
         .values(**values)
@@ -421,7 +417,7 @@ def _release_claim(conn: sa.Connection, state_id: int) -> None:
 
 def process_step(
     engine: sa.Engine,
-    ref: StepRef,
+    ref: SequenceStep,
     *,
     sender: EmailSender,
     now: datetime,
@@ -441,44 +437,72 @@ def process_step(
         raise StepConfigError(str(exc)) from None
     if not billing_enabled(mode):
         return StepResult(StepOutcome.DISABLED, ref)
-    postgres = is_postgres(engine)
     with engine.connect() as conn:
-        claimed = False
+        claim = _Claim()
         try:
             # 1. claim and decide, in one short transaction
-            with conn.begin():
-                if postgres:
-                    claimed = _try_claim(conn, ref.state_id)
-                    if not claimed:
-                        return StepResult(StepOutcome.BUSY, ref)
-                state = load_state(conn, ref.state_id, lock=postgres)
-                if state is None and postgres and load_state(conn, ref.state_id) is not None:
-                    return StepResult(StepOutcome.BUSY, ref)  # the row is locked (say by the backend)
-                facts = load_user_facts(conn, ref.user_id) if state is not None else None
-                decision = decide(ref, state, facts, now=now, billing=billing_enabled(mode))
-                if decision.action in ("exit", "complete"):
-                    moved = _transition(conn, ref, decision, now)
-                    return StepResult(decision.outcome, ref, advanced=moved, exit_reason=decision.exit_reason)
-                if decision.action == "none":
-                    return StepResult(decision.outcome, ref)
-                assert facts is not None and facts.email is not None
-                email = build_outgoing_email(ref, facts, mode, frontend_url, unsubscribe_secret)
+            planned = _claim_and_decide(conn, ref, claim, now, mode, frontend_url, unsubscribe_secret)
+            if isinstance(planned, StepResult):
+                return planned
             # 2. send: no transaction open, no row locked (Postgres: only the session's claim is held)
-            provider_id = _send(sender, email, ref)
+            provider_id = _send(sender, planned, ref)
             # 3. record, in another short transaction
-            with conn.begin():
-                if postgres:
-                    conn.exec_driver_sql(RECORD_LOCK_TIMEOUT)
-                recorded = _record_send(conn, ref, provider=sender.provider, provider_id=provider_id, now=now)
-                advanced = _advance(conn, ref, now)
+            return _record(conn, ref, provider=sender.provider, provider_id=provider_id, now=now)
         finally:
-            if claimed:
+            if claim.held:
                 _release_claim(conn, ref.state_id)
+
+
+@dataclass
+class _Claim:
+    held: bool = False  # this session holds the step's advisory claim (release it, whatever happens)
+
+
+def _claim_and_decide(
+    conn: sa.Connection,
+    ref: SequenceStep,
+    claim: _Claim,
+    now: datetime,
+    mode: DeploymentMode | str,
+    frontend_url: str,
+    unsubscribe_secret: str | None,
+) -> StepResult | OutgoingEmail:
+    """The step's outcome when nothing is to be sent (an exit or completion is written here), else the
+    email to send. Postgres: claims the step first and reads the row ``SKIP LOCKED`` (held → ``busy``)."""
+    postgres = is_postgres(conn)
+    with conn.begin():
+        if postgres:
+            claim.held = _try_claim(conn, ref.state_id)
+            if not claim.held:
+                return StepResult(StepOutcome.BUSY, ref)
+        state = load_state(conn, ref.state_id, lock=postgres)
+        if state is None and postgres and load_state(conn, ref.state_id) is not None:
+            return StepResult(StepOutcome.BUSY, ref)  # the row is locked (say by the backend)
+        facts = load_user_facts(conn, ref.user_id) if state is not None else None
+        decision = decide(ref, state, facts, now=now, billing=billing_enabled(mode))
+        if decision.action in ("exit", "complete"):
+            moved = _transition(conn, ref, decision, now)
+            return StepResult(decision.outcome, ref, advanced=moved, exit_reason=decision.exit_reason)
+        if decision.action == "none":
+            return StepResult(decision.outcome, ref)
+        assert facts is not None and facts.email is not None
+        return build_outgoing_email(ref, facts, mode, frontend_url, unsubscribe_secret)
+
+
+def _record(
+    conn: sa.Connection, ref: SequenceStep, *, provider: str, provider_id: str | None, now: datetime
+) -> StepResult:
+    """Record the accepted email and advance the state, in one short transaction."""
+    with conn.begin():
+        if is_postgres(conn):
+            conn.exec_driver_sql(RECORD_LOCK_TIMEOUT)
+        recorded = _record_send(conn, ref, provider=provider, provider_id=provider_id, now=now)
+        advanced = _advance(conn, ref, now)
     return StepResult(
         StepOutcome.SENT if advanced else StepOutcome.DUPLICATE,
         ref,
         email_id=email_id(ref.sequence_name, ref.step),
-        provider=sender.provider,
+        provider=provider,
         provider_id=provider_id,
         recorded=recorded,
         advanced=advanced,
@@ -486,7 +510,7 @@ def process_step(
 
 
 def build_outgoing_email(
-    ref: StepRef,
+    ref: SequenceStep,
     facts: UserFacts,
     mode: DeploymentMode | str,
     frontend_url: str,
@@ -497,7 +521,7 @@ def build_outgoing_email(
     assert step is not None
     rendered = render_sequence_email(step.template, email_values(facts, mode), frontend_url)
     return OutgoingEmail(
-        to=(facts.email or "").strip(),
+        to=email_address(facts.email),
         subject=rendered.subject,
         html=rendered.html,
         text=rendered.text,
@@ -507,12 +531,12 @@ def build_outgoing_email(
     )
 
 
-def _send(sender: EmailSender, email: OutgoingEmail, ref: StepRef) -> str | None:
+def _send(sender: EmailSender, email: OutgoingEmail, ref: SequenceStep) -> str | None:
     """The provider id; ``None`` when the provider reports the key as already used with another body
     (an earlier attempt of this very step was accepted). Other failures → :class:`StepSendFailed`."""
     try:
         return sender.send(email).provider_id
     except EmailSendError as exc:
-        if exc.status == 409 and exc.name == DUPLICATE_KEY_ERROR:
+        if exc.already_sent_under_key:
             return None
         raise StepSendFailed(ref, exc) from exc

@@ -14,6 +14,7 @@ last step is due at once (the step job then marks it ``completed``); a step belo
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final, Literal
@@ -26,6 +27,7 @@ __all__ = [
     "SEQUENCE_NAMES",
     "STEPS",
     "SequenceName",
+    "SequenceStep",
     "Step",
     "anchor_time",
     "email_id",
@@ -34,6 +36,7 @@ __all__ = [
     "idempotency_key",
     "is_due",
     "last_step",
+    "mapping_key",
     "require_sequence",
     "step_due_at",
     "template_id",
@@ -199,3 +202,38 @@ def email_tags(sequence: str, number: int) -> dict[str, str]:
         "sequence": sanitize_tag(sequence),
         "step": sanitize_tag(email_id(sequence, number)),
     }
+
+
+_NOT_MAPPING: Final = re.compile(r"[^A-Za-z0-9]")
+_PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9-]*-[0-9]+")
+
+
+def mapping_key(key: str, state_id: int) -> str:
+    """The dynamic-step key of a step in a run: its idempotency key with every character outside
+    ``A-Za-z0-9`` as ``_`` (``sequence_welcome_u1_2``). That is one-to-one for keys made of letters,
+    digits and ``-`` that end in ``-<step>``; any other key (another character in the user id, or cut
+    to 256 characters) gets ``_s<state id>`` appended. A plain key's last part is all digits, a
+    suffixed one's starts with ``s``, so the two forms never meet."""
+    plain = _NOT_MAPPING.sub("_", key)
+    return plain if _PLAIN_KEY.fullmatch(key) else f"{plain}_s{state_id}"
+
+
+@dataclass(frozen=True)
+class SequenceStep:
+    """One step of one sequence state: the identity the due scan finds, a run's config carries
+    (``sequences.defs.SequenceStepConfig`` has exactly these fields) and a step run processes."""
+
+    state_id: int
+    user_id: str
+    sequence_name: str
+    step: int
+
+    @property
+    def key(self) -> str:
+        """The step's provider idempotency key."""
+        return idempotency_key(self.sequence_name, self.user_id, self.step)
+
+    @property
+    def mapping_key(self) -> str:
+        """Its dynamic-step key inside a run (:func:`mapping_key`)."""
+        return mapping_key(self.key, self.state_id)

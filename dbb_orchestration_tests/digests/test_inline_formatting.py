@@ -11,10 +11,9 @@ from dbb_orchestration.digests.excerpt import Span, inline_spans, note_blocks
 from dbb_orchestration.digests.render import (
     DigestEmailContext,
     DigestNote,
-    first_source_label,
     render_digest_email,
-    source_label,
 )
+from dbb_orchestration.email.formatting import first_source_label, source_label
 from dbb_orchestration.email.rendering import display_width, spans_html
 
 ALL_MARKUP = (

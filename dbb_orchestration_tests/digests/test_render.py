@@ -11,12 +11,11 @@ from dbb_orchestration.digests.render import (
     DigestEmailContext,
     DigestNote,
     digest_subject,
-    first_source_label,
     format_digest_date,
     greeting_name,
     render_digest_email,
-    source_label,
 )
+from dbb_orchestration.email.formatting import first_source_label, source_label
 
 FRONTEND = "https://app.dbb.test"
 

@@ -13,8 +13,8 @@ from dbb_orchestration.notion_sync.client import (
     NotionRequestError,
     NotionResource,
     NotionUnauthorized,
-    RetryPolicy,
     make_sdk_client,
+    notion_retry_policy,
     parse_retry_after,
     retry_delay,
 )
@@ -24,7 +24,7 @@ from dbb_orchestration.testing import FakeNotion
 TOKEN = "secret_client_tok"
 DB = "db-client"
 DS = "ds-client"
-POLICY = RetryPolicy()
+POLICY = notion_retry_policy()
 
 
 # --- pure rules ----------------------------------------------------------------------------------
@@ -40,7 +40,7 @@ def test_parse_retry_after(raw: str | None, expected: float | None) -> None:
 
 
 def test_retry_delay_backoff_doubles_from_400ms_and_is_capped() -> None:
-    delays = [retry_delay(503, None, attempt, RetryPolicy(max_retries=8)) for attempt in range(8)]
+    delays = [retry_delay(503, None, attempt, notion_retry_policy(max_retries=8)) for attempt in range(8)]
     assert delays == [0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0, 10.0]
 
 
@@ -49,8 +49,8 @@ def test_retry_delay_honours_retry_after_on_429_as_sent_up_to_the_maximum_wait()
     assert retry_delay(429, 30.0, 3, POLICY) == 30.0  # not cut to the back-off cap
     assert retry_delay(429, 300.0, 0, POLICY) == 300.0  # the default maximum
     assert retry_delay(429, 301.0, 0, POLICY) == 300.0
-    assert retry_delay(429, 90.0, 0, RetryPolicy(max_retry_after=60.0)) == 60.0
-    assert retry_delay(429, 5.0, 0, RetryPolicy(max_retry_after=0.0)) == 0.0
+    assert retry_delay(429, 90.0, 0, notion_retry_policy(max_retry_after=60.0)) == 60.0
+    assert retry_delay(429, 5.0, 0, notion_retry_policy(max_retry_after=0.0)) == 0.0
     assert retry_delay(429, None, 2, POLICY) == 1.6  # no header: the back-off
     assert retry_delay(503, 5.0, 0, POLICY) == 0.4  # Retry-After only counts on 429
 
@@ -128,12 +128,12 @@ def test_retry_after_of_30_seconds_waits_30_seconds(fake: FakeNotion, api: Notio
     api.retrieve_database(DB)
 
     assert sleeps.calls == [30.0, 30.0]
-    assert (api.retries, api.retry_wait_seconds) == (2, 60.0)
+    assert api.retries == 2
 
 
 def test_retry_after_beyond_the_maximum_wait_is_bounded(fake: FakeNotion, sleeps: Sleeps) -> None:
     fake.fail_next("/v1/databases/", status=429, count=1, retry_after=3600)
-    policy = RetryPolicy(max_retry_after=120.0)
+    policy = notion_retry_policy(max_retry_after=120.0)
     with NotionApi(make_sdk_client(TOKEN, fake.base_url), sleep=sleeps, policy=policy) as api:
         api.retrieve_database(DB)
 
@@ -203,7 +203,7 @@ def test_server_error_then_success(fake: FakeNotion, api: NotionApi, sleeps: Sle
 def test_transport_error_is_retried(sleeps: Sleeps) -> None:
     # Nothing listens on port 9 of 127.0.0.1: every attempt is refused.
     api = NotionApi(
-        make_sdk_client(TOKEN, "http://127.0.0.1:9"), sleep=sleeps, policy=RetryPolicy(max_retries=2)
+        make_sdk_client(TOKEN, "http://127.0.0.1:9"), sleep=sleeps, policy=notion_retry_policy(max_retries=2)
     )
     with api, pytest.raises(NotionRequestError) as caught:
         api.retrieve_database(DB)

@@ -13,7 +13,8 @@ import sqlalchemy as sa
 from dbb_orchestration.db import create_db_engine
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.email.sender import EmailSender, OutgoingEmail, SendResult
-from dbb_orchestration.sequences.process import StepOutcome, StepRef, process_step
+from dbb_orchestration.sequences.process import StepOutcome, process_step
+from dbb_orchestration.sequences.steps import SequenceStep
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
 from dbb_orchestration_tests.conftest import resend_sender
@@ -30,11 +31,11 @@ def pg(postgres_url: str) -> Any:
     engine.dispose()
 
 
-def _welcome(engine: sa.Engine) -> StepRef:
+def _welcome(engine: sa.Engine) -> SequenceStep:
     with engine.begin() as conn:
         f.user(conn, "u1")
         state_id = f.sequence_state(conn, "u1", "welcome", entered_at=NOW - timedelta(days=1))
-    return StepRef(state_id, "welcome", "u1", 1)
+    return SequenceStep(state_id, "u1", "welcome", 1)
 
 
 @dataclass
@@ -119,7 +120,7 @@ def test_the_claim_is_released_after_every_outcome(pg: sa.Engine, fake_resend: F
     with pytest.raises(Exception, match="failed"):
         process_step(
             pg,
-            StepRef(ref.state_id, "welcome", "u1", 2),
+            SequenceStep(ref.state_id, "u1", "welcome", 2),
             sender=resend_sender(fake_resend),
             now=NOW + timedelta(days=3),
             frontend_url=FRONTEND,

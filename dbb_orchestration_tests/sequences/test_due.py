@@ -12,7 +12,6 @@ import sqlalchemy as sa
 
 from dbb_orchestration.sequences.due import (
     CursorEntry,
-    DueStep,
     backoff_seconds,
     batch_run_key,
     describe_tick,
@@ -20,7 +19,6 @@ from dbb_orchestration.sequences.due import (
     evaluate_tick,
     find_due_steps,
     group_runs,
-    mapping_key,
     mark_finished,
     parse_cursor,
     plan_tick,
@@ -28,14 +26,14 @@ from dbb_orchestration.sequences.due import (
     run_key_for,
     unfinished_run_keys,
 )
-from dbb_orchestration.sequences.steps import STEPS, is_due
+from dbb_orchestration.sequences.steps import STEPS, SequenceStep, is_due, mapping_key
 from dbb_orchestration.testing import factories as f
 from dbb_orchestration_tests.sequences.conftest import NOW, count_statements
 
 SECOND = timedelta(seconds=1)
 
 
-def _keys(steps: list[DueStep]) -> set[str]:
+def _keys(steps: list[SequenceStep]) -> set[str]:
     return {s.key for s in steps}
 
 
@@ -247,8 +245,8 @@ def test_the_cap_and_the_cursor_share_the_work_across_ticks(engine: sa.Engine) -
 # ------------------------------------------------------------------------------------------------ pure
 
 
-def _step(n: int = 1, *, state_id: int = 7) -> DueStep:
-    return DueStep(state_id, "u1", "welcome", n)
+def _step(n: int = 1, *, state_id: int = 7) -> SequenceStep:
+    return SequenceStep(state_id, "u1", "welcome", n)
 
 
 def test_backoff_schedule() -> None:
@@ -326,7 +324,7 @@ def test_mark_finished_stamps_only_runs_that_ended() -> None:
 
 def test_plan_tick_decisions() -> None:
     now = 1_800_000_000
-    steps = [DueStep(n, f"u{n}", "welcome", n) for n in (1, 2, 3, 4, 5)]
+    steps = [SequenceStep(n, f"u{n}", "welcome", n) for n in (1, 2, 3, 4, 5)]
     k = [s.key for s in steps]
     entries = {
         k[1]: CursorEntry(1, now - 10**4, 2, 2, now - 599, "r1"),  # failed 599 s ago: back-off 600 s
@@ -352,7 +350,7 @@ def test_plan_tick_decisions() -> None:
 
 
 def test_run_grouping_and_keys() -> None:
-    steps = [DueStep(n, f"u{n}", "welcome", 1) for n in range(5)]
+    steps = [SequenceStep(n, f"u{n}", "welcome", 1) for n in range(5)]
     plan = plan_tick(steps, {}, now_epoch=0, max_attempts=5, cap=10, per_run=2)
     assert [[launch.step.state_id for launch in run.launches] for run in plan.runs] == [[0, 1], [2, 3], [4]]
     assert len({run.run_key for run in plan.runs}) == 3

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from dbb_orchestration.db import create_db_engine
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.sequences.due import evaluate_tick
-from dbb_orchestration.sequences.process import StepOutcome, StepRef, StepSendFailed, process_step
+from dbb_orchestration.sequences.process import StepOutcome, StepSendFailed, process_step
+from dbb_orchestration.sequences.steps import SequenceStep
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
 from dbb_orchestration_tests.conftest import resend_sender
@@ -39,13 +40,13 @@ def _sends(engine: sa.Engine) -> list[Any]:
         return list(conn.execute(sa.select(t.email_sends).order_by(t.email_sends.c.id)).all())
 
 
-def _welcome(engine: sa.Engine, *, step: int = 1) -> StepRef:
+def _welcome(engine: sa.Engine, *, step: int = 1) -> SequenceStep:
     with engine.begin() as conn:
         f.user(conn, "u1", name="Ada Lovelace")
         state_id = f.sequence_state(
             conn, "u1", "welcome", current_step=step, entered_at=NOW - timedelta(days=3)
         )
-    return StepRef(state_id, "welcome", "u1", step)
+    return SequenceStep(state_id, "u1", "welcome", step)
 
 
 def test_twenty_concurrent_runs_of_one_step_send_once(db_url: str, fake_resend: FakeResend) -> None:
@@ -100,7 +101,8 @@ KILL_SCRIPT = textwrap.dedent(
     from datetime import datetime
     from dbb_orchestration.db import create_db_engine
     from dbb_orchestration.email.sender import ResendSender
-    from dbb_orchestration.sequences.process import StepRef, process_step
+    from dbb_orchestration.sequences.process import process_step
+    from dbb_orchestration.sequences.steps import SequenceStep
 
     url, api_url, state_id, now, from_address = sys.argv[1:6]
 
@@ -117,7 +119,7 @@ KILL_SCRIPT = textwrap.dedent(
     inner = ResendSender(api_key="re_test", api_url=api_url, from_address=from_address)
     process_step(
         create_db_engine(url),
-        StepRef(int(state_id), "welcome", "u1", 2),
+        SequenceStep(int(state_id), "u1", "welcome", 2),
         sender=DieAfterProviderAccepted(inner),
         now=datetime.fromisoformat(now),
         frontend_url="https://app.example.test",
@@ -185,7 +187,7 @@ def test_a_user_who_connects_between_two_ticks_exits_welcome(db_url: str, fake_r
         "sequence-welcome-u1-1",
     )
     step = launch.step
-    ref = StepRef(step.state_id, step.sequence_name, step.user_id, step.step)
+    ref = SequenceStep(step.state_id, step.user_id, step.sequence_name, step.step)
     process_step(engine, ref, sender=sender, now=NOW + timedelta(hours=1), frontend_url=FRONTEND)
 
     with engine.begin() as conn:  # the backend records the connection (and may not exit welcome itself)
@@ -198,7 +200,7 @@ def test_a_user_who_connects_between_two_ticks_exits_welcome(db_url: str, fake_r
     step2 = launch2.step
     result = process_step(
         engine,
-        StepRef(step2.state_id, step2.sequence_name, step2.user_id, step2.step),
+        SequenceStep(step2.state_id, step2.user_id, step2.sequence_name, step2.step),
         sender=sender,
         now=NOW + timedelta(days=2),
         frontend_url=FRONTEND,
@@ -223,7 +225,7 @@ def test_a_user_who_upgrades_between_two_ticks_exits(
             f.digest(conn, "u1", status="sent", sent_at=NOW - timedelta(days=10 - n))
         state_id = f.sequence_state(conn, "u1", sequence, entered_at=NOW - timedelta(days=1))
     sender = resend_sender(fake_resend)
-    ref1 = StepRef(state_id, sequence, "u1", 1)
+    ref1 = SequenceStep(state_id, "u1", sequence, 1)
     assert (
         process_step(engine, ref1, sender=sender, now=NOW, frontend_url=FRONTEND).outcome is StepOutcome.SENT
     )
@@ -235,7 +237,7 @@ def test_a_user_who_upgrades_between_two_ticks_exits(
     [launch] = _tick(engine, None, later).plan.launches
     assert launch.step.step == 2
     result = process_step(
-        engine, StepRef(state_id, sequence, "u1", 2), sender=sender, now=later, frontend_url=FRONTEND
+        engine, SequenceStep(state_id, "u1", sequence, 2), sender=sender, now=later, frontend_url=FRONTEND
     )
 
     assert (result.outcome, result.exit_reason) == (StepOutcome.EXITED, "upgraded")

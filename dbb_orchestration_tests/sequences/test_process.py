@@ -13,12 +13,12 @@ from dbb_orchestration.email.sender import DryRunSender, RecordingSender
 from dbb_orchestration.sequences.process import (
     StepConfigError,
     StepOutcome,
-    StepRef,
     StepSendFailed,
     build_outgoing_email,
     load_user_facts,
     process_step,
 )
+from dbb_orchestration.sequences.steps import SequenceStep
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
 from dbb_orchestration_tests.conftest import resend_sender
@@ -48,16 +48,16 @@ def setup_state(
     status: str = "active",
     verified: bool = True,
     name: str = "Ada Lovelace",
-) -> StepRef:
+) -> SequenceStep:
     with engine.begin() as conn:
         f.user(conn, user_id, name=name, email_verified=verified)
         state_id = f.sequence_state(
             conn, user_id, sequence, current_step=step, status=status, entered_at=entered_at
         )
-    return StepRef(state_id, sequence, user_id, step)
+    return SequenceStep(state_id, user_id, sequence, step)
 
 
-def run(engine: sa.Engine, ref: StepRef, sender: Any = None, **kwargs: Any) -> Any:
+def run(engine: sa.Engine, ref: SequenceStep, sender: Any = None, **kwargs: Any) -> Any:
     kwargs.setdefault("now", NOW)
     kwargs.setdefault("frontend_url", FRONTEND)
     return process_step(engine, ref, sender=sender if sender is not None else RecordingSender(), **kwargs)
@@ -119,7 +119,7 @@ def test_a_state_that_moved_on_is_left_alone(engine: sa.Engine, state_step: int,
     ref = setup_state(engine, "welcome", step=state_step, status=status)
     before = state_row(engine, ref.state_id)
     sender = RecordingSender()
-    result = run(engine, StepRef(ref.state_id, "welcome", "u1", 1), sender)
+    result = run(engine, SequenceStep(ref.state_id, "u1", "welcome", 1), sender)
     assert result.outcome is StepOutcome.STALE
     assert sender.calls == 0 and sends(engine) == []
     assert state_row(engine, ref.state_id) == before
@@ -133,7 +133,7 @@ def test_unverified_or_missing_email_is_skipped(engine: sa.Engine) -> None:
     before = state_row(engine, ref.state_id)
     sender = RecordingSender()
     assert run(engine, ref, sender).outcome is StepOutcome.UNVERIFIED
-    assert run(engine, StepRef(empty_id, "welcome", "u2", 1), sender).outcome is StepOutcome.UNVERIFIED
+    assert run(engine, SequenceStep(empty_id, "u2", "welcome", 1), sender).outcome is StepOutcome.UNVERIFIED
     assert sender.calls == 0 and sends(engine) == []
     assert state_row(engine, ref.state_id) == before
 
@@ -253,12 +253,12 @@ def test_dry_run_records_a_dry_run_id(engine: sa.Engine) -> None:
 def test_wrong_config_is_an_error_and_a_missing_state_is_not(engine: sa.Engine) -> None:
     ref = setup_state(engine, "welcome")
     with pytest.raises(StepConfigError, match="not the onboarding sequence"):
-        run(engine, StepRef(ref.state_id, "onboarding", "u1", 1))
+        run(engine, SequenceStep(ref.state_id, "u1", "onboarding", 1))
     with pytest.raises(StepConfigError, match="not the welcome sequence"):
-        run(engine, StepRef(ref.state_id, "welcome", "someone-else", 1))
+        run(engine, SequenceStep(ref.state_id, "someone-else", "welcome", 1))
     with pytest.raises(StepConfigError, match="unknown email sequence"):
-        run(engine, StepRef(ref.state_id, "newsletter", "u1", 1))
-    assert run(engine, StepRef(ref.state_id + 100, "welcome", "u1", 1)).outcome is StepOutcome.NOT_FOUND
+        run(engine, SequenceStep(ref.state_id, "u1", "newsletter", 1))
+    assert run(engine, SequenceStep(ref.state_id + 100, "u1", "welcome", 1)).outcome is StepOutcome.NOT_FOUND
 
 
 def _history(engine: sa.Engine, user_id: str, *, digests: int, items: int) -> None:

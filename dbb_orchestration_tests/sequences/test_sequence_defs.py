@@ -461,3 +461,15 @@ def test_parse_entered_at() -> None:
         parse_entered_at("2026-03-10T13:15:00")
     with pytest.raises(ValueError, match="ISO-8601"):
         parse_entered_at("yesterday")
+
+
+def test_the_run_config_carries_a_sequence_step_field_for_field() -> None:
+    import dataclasses
+
+    from dbb_orchestration.sequences.defs import SequenceStepConfig
+    from dbb_orchestration.sequences.steps import SequenceStep
+
+    step = SequenceStep(state_id=7, user_id="u1", sequence_name="welcome", step=2)
+    config = SequenceStepConfig(**dataclasses.asdict(step))
+    assert SequenceStep(**config.model_dump()) == step
+    assert set(SequenceStepConfig.model_fields) == {f.name for f in dataclasses.fields(SequenceStep)}
