@@ -15,7 +15,6 @@ from typing import Literal
 from dbb_orchestration.timing import iso_utc_millis, require_aware
 
 Reason = Literal["new", "overdue", "due_soon", "scheduled"]
-SkipReason = Literal["suspended", "deprioritized"]
 
 WEIGHT_MIN = 0.1
 WEIGHT_MAX = 5.0
@@ -33,7 +32,6 @@ SCHEDULED_CAP_DAYS = 30
 
 COOLDOWN = timedelta(days=1)
 COOLDOWN_FACTOR = 0.25
-NEW_SHARE_WHEN_ALL_SEEN = 0.4  # applied as (batch * 2) // 5
 
 FNV_OFFSET_BASIS = 2166136261
 FNV_PRIME = 16777619

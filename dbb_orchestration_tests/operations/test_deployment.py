@@ -124,6 +124,16 @@ def test_docker_cmd_is_dagster_api_grpc_on_the_chart_port() -> None:
     assert cmd[cmd.index("-m") + 1] == "dbb_orchestration.definitions"
 
 
+def test_image_carries_the_production_instance_config_where_dagster_reads_it() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    env = next(x for x in lines if "DAGSTER_HOME=" in x)
+    assert "DAGSTER_HOME=/opt/dagster/dagster_home" in env
+    copies = [x.split()[1:] for x in lines if x.startswith("COPY ")]
+    assert ["deploy/dagster.yaml", "${DAGSTER_HOME}/dagster.yaml"] in copies
+    # the local instance file (SQLite storage) must not ride along where nothing reads it
+    assert not any("dagster.yaml" in src for copy in copies for src in copy[:-1] if src != "deploy/dagster.yaml")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
