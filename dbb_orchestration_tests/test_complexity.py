@@ -13,9 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dbb_orchestration"
 MAX_COMPLEXITY = 10
 
-# Functions still above the limit, one entry per function, each in a file another branch was reworking
-# while this test was written. Temporary: the list is emptied once those branches are merged and the
-# functions split; do not add to it.
+# Functions still above the limit, named one by one, each in a file that another branch was reworking
+# while this test was written. Temporary: the integrator empties this list after merging those branches
+# (their functions split); never add to it.
 ALLOWED_ABOVE_LIMIT: frozenset[str] = frozenset(
     {
         "db/schema_check.py::check_schema",

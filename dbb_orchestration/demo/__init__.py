@@ -137,22 +137,20 @@ class Simulation:
             data = sensor.evaluate_tick(context)
         self.cursors[sensor_name] = data.cursor if data.cursor is not None else self.cursors.get(sensor_name)
         for request in data.run_requests or []:
-            tags = {
-                **(request.tags or {}),
-                "dagster/run_key": request.run_key or "",
-                "dagster/sensor_name": sensor_name,
-            }
-            existing = self.instance.get_runs(
-                filters=dg.RunsFilter(tags={"dagster/run_key": request.run_key or ""})
-            )
-            if request.run_key and existing:
-                continue  # Dagster launches a run key once; so does the simulation
-            job = str(request.job_name or sensor.job_name)
-            result = self.run(defs, job, run_config=request.run_config, tags=tags)
-            if sensor_name == "first_digest_sensor":
-                self.log.hours[hour]["first"] += int(
-                    _output_metadata(result, "send_digest_for_user").get("sent", 0) or 0
-                )
+            self._launch(defs, sensor_name, str(request.job_name or sensor.job_name), request, hour)
+
+    def _launch(
+        self, defs: dg.Definitions, sensor_name: str, job: str, request: dg.RunRequest, hour: int
+    ) -> None:
+        """Run what a sensor asked for, once per run key, as the daemon would."""
+        run_key = request.run_key or ""
+        if run_key and self.instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key})):
+            return  # Dagster launches a run key once; so does the simulation
+        tags = {**(request.tags or {}), "dagster/run_key": run_key, "dagster/sensor_name": sensor_name}
+        result = self.run(defs, job, run_config=request.run_config, tags=tags)
+        if sensor_name == "first_digest_sensor":
+            sent = _output_metadata(result, "send_digest_for_user").get("sent", 0)
+            self.log.hours[hour]["first"] += int(sent or 0)
 
     def discovery(self, when: datetime) -> None:
         config = {"ops": {"upgrade_sequence_discover": {"config": {"entered_at": when.isoformat()}}}}

@@ -101,8 +101,10 @@ def outside_failure_cause(failure_message: str | None, engine_messages: Sequence
 
 def _says_why(failure_message: str) -> bool:
     """Not Dagster's generic wording ("... outside of the process ..." / "Execution of run ... failed")."""
-    return bool(failure_message) and OUTSIDE_FAILURE not in failure_message and not (
-        failure_message.startswith("Execution of run")
+    return (
+        bool(failure_message)
+        and OUTSIDE_FAILURE not in failure_message
+        and not (failure_message.startswith("Execution of run"))
     )
 
 

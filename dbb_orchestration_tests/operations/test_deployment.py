@@ -131,7 +131,9 @@ def test_image_carries_the_production_instance_config_where_dagster_reads_it() -
     copies = [x.split()[1:] for x in lines if x.startswith("COPY ")]
     assert ["deploy/dagster.yaml", "${DAGSTER_HOME}/dagster.yaml"] in copies
     # the local instance file (SQLite storage) must not ride along where nothing reads it
-    assert not any("dagster.yaml" in src for copy in copies for src in copy[:-1] if src != "deploy/dagster.yaml")
+    assert not any(
+        "dagster.yaml" in src for copy in copies for src in copy[:-1] if src != "deploy/dagster.yaml"
+    )
 
 
 def _free_port() -> int:
