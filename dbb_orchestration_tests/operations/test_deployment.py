@@ -117,6 +117,13 @@ def test_helm_matches_dagster_yaml_on_pools_monitoring_retries_and_threads() -> 
         }
 
 
+def test_helm_matches_dagster_yaml_on_tick_retention() -> None:
+    retention = VALUES["retention"]
+    assert retention["enabled"] is True
+    assert retention["schedule"]["purgeAfterDays"] == INSTANCE["retention"]["schedule"]["purge_after_days"]
+    assert retention["sensor"]["purgeAfterDays"] == INSTANCE["retention"]["sensor"]["purge_after_days"]
+
+
 def test_docker_cmd_is_dagster_api_grpc_on_the_chart_port() -> None:
     cmd = _docker_cmd()
     assert cmd[:3] == ["dagster", "api", "grpc"]
