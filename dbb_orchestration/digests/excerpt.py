@@ -44,7 +44,7 @@ import html
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from dbb_orchestration.email.rendering import Span, linkify
 
@@ -310,7 +310,7 @@ def _link_spans(match: re.Match[str], style: Span) -> tuple[Span, ...]:
     return (*label, replace(style, text=f" ({url})", link_suffix=True))
 
 
-def _nested(group: str, **formatting: bool) -> Callable[[re.Match[str], Span], tuple[Span, ...]]:
+def _nested(group: str, **formatting: Any) -> Callable[[re.Match[str], Span], tuple[Span, ...]]:
     """Spans of the text inside a pair of markers, with the markers' formatting added to ``style``."""
     return lambda match, style: inline_spans(match.group(group), replace(style, **formatting))
 
