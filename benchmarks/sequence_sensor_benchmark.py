@@ -24,7 +24,7 @@ upgrade state (the last user may have fewer, to hit ``--states`` exactly): mostl
 (history), ~13% active and not yet due, onboarding rows blocked without a first digest, and exactly
 ``--due`` due steps of verified users (plus 1% as many of unverified users, which the sensor counts
 but does not launch). About 4.5 sent digests per user who got past onboarding.
-Goal: ≤ 1 s per evaluation (median) and ≤ 3 SQL statements per tick.
+Target: ≤ 1 s per evaluation (median) and ≤ 3 SQL statements per tick.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -147,7 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--database-url", help=url_help)
     p.set_defaults(func=cmd_init_db)
+    _add_demo_command(sub)
+    return parser
 
+
+def _add_demo_command(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="simulate a day on SQLite with the local fake Resend and Notion; emails land in ./outbox",
@@ -170,7 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Dagster instance for the runs (default <workdir>/dagster_home, read by `./dev ui`)",
     )
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

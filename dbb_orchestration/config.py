@@ -70,6 +70,11 @@ def _batch_size(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    """The trimmed value, or ``None`` when unset or blank."""
+    return (env.get(name) or "").strip() or None
+
+
 def _url(env: Mapping[str, str], name: str, default: str) -> str:
     raw = (env.get(name) or "").strip() or default
     if not raw.startswith(("http://", "https://")):
@@ -161,9 +166,9 @@ class Settings:
             raise SettingsError(str(exc)) from None
         return cls(
             database_url=raw_db.strip(),
-            resend_api_key=(env.get("RESEND_API_KEY") or "").strip() or None,
-            resend_from=(env.get("RESEND_FROM") or "").strip() or DEFAULT_FROM,
-            resend_reply_to=(env.get("RESEND_REPLY_TO") or "").strip() or None,
+            resend_api_key=_text(env, "RESEND_API_KEY"),
+            resend_from=_text(env, "RESEND_FROM") or DEFAULT_FROM,
+            resend_reply_to=_text(env, "RESEND_REPLY_TO"),
             resend_api_url=_url(env, "RESEND_API_URL", DEFAULT_RESEND_API_URL),
             notion_api_url=_url(env, "NOTION_API_URL", DEFAULT_NOTION_API_URL),
             frontend_url=_url(env, "FRONTEND_URL", DEFAULT_FRONTEND_URL),
@@ -171,7 +176,7 @@ class Settings:
             digest_email_dry_run=_bool(env, "DIGEST_EMAIL_DRY_RUN"),
             sequence_email_dry_run=_bool(env, "SEQUENCE_EMAIL_DRY_RUN"),
             keyring=keyring,
-            sentry_dsn=(env.get("SENTRY_DSN") or "").strip() or None,
+            sentry_dsn=_text(env, "SENTRY_DSN"),
             email_rate_limit_per_second=_number(env, "EMAIL_RATE_LIMIT_PER_SECOND", 2.0, minimum=0),
             email_max_concurrency=int(_number(env, "EMAIL_MAX_CONCURRENCY", 4, minimum=1, integer=True)),
             digest_batch_size=int(_number(env, "DIGEST_BATCH_SIZE", 1000, minimum=1, integer=True)),

@@ -131,6 +131,29 @@ def storable_json(value: Any) -> Any:
     return value
 
 
+def _reject_unsupported_key_names(env: Mapping[str, str], supported: Mapping[str, int]) -> None:
+    """A non-blank ``CONTENT_ENCRYPTION_KEY_V<n>`` outside ``_V2``..``_V10`` is a misnamed key: refuse it."""
+    for name in sorted(env):
+        if _VERSIONED_KEY_ENV.match(name) and name not in supported and (env.get(name) or "").strip():
+            raise ContentKeyError(
+                f"{name} is not a supported key variable: use {_KEY_ENV} for version 1 and "
+                f"{_KEY_ENV}_V2..{_KEY_ENV}_V{MAX_KEY_VERSION} for later versions"
+            )
+
+
+def _decode_key(name: str, raw: str) -> bytes:
+    """The 32 key bytes of one variable's base64 value; the message names the variable, never the key."""
+    try:
+        key = _b64decode(raw)
+    except ValueError:
+        raise ContentKeyError(f"{name} is not valid base64 (expected base64 of {KEY_LENGTH} bytes)") from None
+    if len(key) != KEY_LENGTH:
+        raise ContentKeyError(
+            f"{name} must be base64 of exactly {KEY_LENGTH} bytes, got {len(key)} bytes after decoding"
+        )
+    return key
+
+
 @dataclass(frozen=True)
 class ContentKeyring:
     """Immutable set of AES-256 keys by version (1..10). Build it with :meth:`from_env`,
@@ -175,28 +198,12 @@ class ContentKeyring:
         unencrypted. Messages never contain key material.
         """
         supported = {key_env_name(v): v for v in range(1, MAX_KEY_VERSION + 1)}
-        for name in sorted(env):
-            if _VERSIONED_KEY_ENV.match(name) and name not in supported and (env.get(name) or "").strip():
-                raise ContentKeyError(
-                    f"{name} is not a supported key variable: use {_KEY_ENV} for version 1 and "
-                    f"{_KEY_ENV}_V2..{_KEY_ENV}_V{MAX_KEY_VERSION} for later versions"
-                )
+        _reject_unsupported_key_names(env, supported)
         keys: dict[int, bytes] = {}
         for name, version in supported.items():
             raw = env.get(name)
-            if raw is None or raw.strip() == "":
-                continue
-            try:
-                key = _b64decode(raw)
-            except ValueError:
-                raise ContentKeyError(
-                    f"{name} is not valid base64 (expected base64 of {KEY_LENGTH} bytes)"
-                ) from None
-            if len(key) != KEY_LENGTH:
-                raise ContentKeyError(
-                    f"{name} must be base64 of exactly {KEY_LENGTH} bytes, got {len(key)} bytes after decoding"
-                )
-            keys[version] = key
+            if raw is not None and raw.strip() != "":
+                keys[version] = _decode_key(name, raw)
         return cls.from_keys(keys)
 
     @property
@@ -304,34 +311,46 @@ def decode_content(
     ``alg`` is matched ignoring case and surrounding whitespace.
     """
     try:
-        name = alg.strip().lower() if isinstance(alg, str) else ""
-        if name == ALG_NONE:
-            try:
-                data = _b64decode(ciphertext)
-            except ValueError:
-                return DecodedContent("", "bad_base64")
-        elif name == ALG_AES_256_GCM:
-            if isinstance(key_version, bool) or not isinstance(key_version, int):
-                return DecodedContent("", f"missing_key_version:{_short(key_version)}")
-            key = keyring.key(key_version)
-            if key is None:
-                return DecodedContent("", f"missing_key_version:{key_version}")
-            try:
-                sealed = _b64decode(ciphertext)
-                nonce = _b64decode(iv)
-            except ValueError:
-                return DecodedContent("", "bad_base64")
-            try:
-                data = AESGCM(key).decrypt(nonce, sealed, None)
-            except InvalidTag:
-                return DecodedContent("", "decrypt_failed")
-            except ValueError:
-                return DecodedContent("", "bad_iv")
-        else:
-            return DecodedContent("", f"unknown_alg:{_short(alg)}")
+        data = _stored_bytes(ciphertext, iv, alg, key_version, keyring)
+        if isinstance(data, str):
+            return DecodedContent("", data)
         try:
             return DecodedContent(data.decode("utf-8"), None)
         except UnicodeDecodeError:
             return DecodedContent("", "bad_utf8")
     except Exception:  # the contract is "never raises"; the reason carries no content
         return DecodedContent("", "decode_failed")
+
+
+def _stored_bytes(
+    ciphertext: str, iv: str, alg: str, key_version: int | None, keyring: ContentKeyring
+) -> bytes | str:
+    """The stored plaintext bytes, or the failure reason (a ``str``) of :func:`decode_content`."""
+    name = alg.strip().lower() if isinstance(alg, str) else ""
+    if name == ALG_NONE:
+        try:
+            return _b64decode(ciphertext)
+        except ValueError:
+            return "bad_base64"
+    if name == ALG_AES_256_GCM:
+        return _aes_gcm_bytes(ciphertext, iv, key_version, keyring)
+    return f"unknown_alg:{_short(alg)}"
+
+
+def _aes_gcm_bytes(ciphertext: str, iv: str, key_version: int | None, keyring: ContentKeyring) -> bytes | str:
+    if isinstance(key_version, bool) or not isinstance(key_version, int):
+        return f"missing_key_version:{_short(key_version)}"
+    key = keyring.key(key_version)
+    if key is None:
+        return f"missing_key_version:{key_version}"
+    try:
+        sealed = _b64decode(ciphertext)
+        nonce = _b64decode(iv)
+    except ValueError:
+        return "bad_base64"
+    try:
+        return AESGCM(key).decrypt(nonce, sealed, None)
+    except InvalidTag:
+        return "decrypt_failed"
+    except ValueError:
+        return "bad_iv"

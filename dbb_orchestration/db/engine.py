@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,6 +42,36 @@ def normalize_database_url(raw: str) -> URL:
     raise DatabaseUrlError(f"DATABASE_URL must be a postgres:// or sqlite:// URL, got scheme {backend!r}")
 
 
+# The usual first-run Postgres mistakes, recognised in the driver's lower-cased message, first match wins.
+_POSTGRES_PROBLEMS: tuple[tuple[Callable[[str], bool], str], ...] = (
+    (
+        lambda m: "connection refused" in m,
+        "cannot connect to Postgres at {host} (connection refused): start the server or fix the host "
+        "and port in DATABASE_URL",
+    ),
+    (
+        lambda m: "does not exist" in m and "database" in m,
+        "database {database!r} does not exist on {host}: create it, or fix the database name in DATABASE_URL",
+    ),
+    (
+        lambda m: "password authentication failed" in m or "no password supplied" in m,
+        "Postgres at {host} rejected the login for user {user!r}: check the user and password in DATABASE_URL",
+    ),
+    (
+        lambda m: "role" in m and "does not exist" in m,
+        "Postgres at {host} has no user {user!r}: check the user in DATABASE_URL",
+    ),
+    (
+        lambda m: "could not translate host name" in m or "name or service not known" in m,
+        "cannot resolve the database host {hostname!r}: check the host in DATABASE_URL",
+    ),
+    (
+        lambda m: "timeout" in m or "timed out" in m,
+        "Postgres at {host} did not answer in time: check the host, port and network (DATABASE_URL)",
+    ),
+)
+
+
 def connection_problem(exc: BaseException, url: URL) -> str:
     """One line for a failure to reach or open the database at ``url``: what went wrong and the fix.
 
@@ -58,24 +89,9 @@ def connection_problem(exc: BaseException, url: URL) -> str:
             )
         return f"SQLite error on {where}: {_first_line(message)}"
     host = f"{url.host or 'localhost'}:{url.port or 5432}"
-    if "connection refused" in lower:
-        return (
-            f"cannot connect to Postgres at {host} (connection refused): start the server or fix the host "
-            "and port in DATABASE_URL"
-        )
-    if "does not exist" in lower and "database" in lower:
-        return (
-            f"database {url.database!r} does not exist on {host}: create it, or fix the database name in "
-            "DATABASE_URL"
-        )
-    if "password authentication failed" in lower or "no password supplied" in lower:
-        return f"Postgres at {host} rejected the login for user {url.username!r}: check the user and password in DATABASE_URL"
-    if "role" in lower and "does not exist" in lower:
-        return f"Postgres at {host} has no user {url.username!r}: check the user in DATABASE_URL"
-    if "could not translate host name" in lower or "name or service not known" in lower:
-        return f"cannot resolve the database host {url.host!r}: check the host in DATABASE_URL"
-    if "timeout" in lower or "timed out" in lower:
-        return f"Postgres at {host} did not answer in time: check the host, port and network (DATABASE_URL)"
+    for matches, template in _POSTGRES_PROBLEMS:
+        if matches(lower):
+            return template.format(host=host, database=url.database, user=url.username, hostname=url.host)
     return f"cannot use the database at {where}: {_first_line(message)}"
 
 

@@ -29,18 +29,6 @@ note_digest_status = _enum("note_digest_status", "scheduled", "sent", "failed", 
 email_sequence_name = _enum("email_sequence_name", "welcome", "onboarding", "upgrade")
 email_sequence_status = _enum("email_sequence_status", "active", "completed", "exited")
 
-ALL_ENUMS: tuple[sa.Enum, ...] = (
-    integration_kind,
-    integration_status,
-    integration_scope_type,
-    sync_run_kind,
-    sync_run_status,
-    review_status,
-    note_digest_status,
-    email_sequence_name,
-    email_sequence_status,
-)
-
 NOW = sa.func.now()
 
 

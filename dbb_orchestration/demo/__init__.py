@@ -23,6 +23,7 @@ import base64
 import time
 import warnings
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -137,22 +138,20 @@ class Simulation:
             data = sensor.evaluate_tick(context)
         self.cursors[sensor_name] = data.cursor if data.cursor is not None else self.cursors.get(sensor_name)
         for request in data.run_requests or []:
-            tags = {
-                **(request.tags or {}),
-                "dagster/run_key": request.run_key or "",
-                "dagster/sensor_name": sensor_name,
-            }
-            existing = self.instance.get_runs(
-                filters=dg.RunsFilter(tags={"dagster/run_key": request.run_key or ""})
-            )
-            if request.run_key and existing:
-                continue  # Dagster launches a run key once; so does the simulation
-            job = str(request.job_name or sensor.job_name)
-            result = self.run(defs, job, run_config=request.run_config, tags=tags)
-            if sensor_name == "first_digest_sensor":
-                self.log.hours[hour]["first"] += int(
-                    _output_metadata(result, "send_digest_for_user").get("sent", 0) or 0
-                )
+            self._launch(defs, sensor_name, str(request.job_name or sensor.job_name), request, hour)
+
+    def _launch(
+        self, defs: dg.Definitions, sensor_name: str, job: str, request: dg.RunRequest, hour: int
+    ) -> None:
+        """Run what a sensor asked for, once per run key, as the daemon would."""
+        run_key = request.run_key or ""
+        if run_key and self.instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": run_key})):
+            return  # Dagster launches a run key once; so does the simulation
+        tags = {**(request.tags or {}), "dagster/run_key": run_key, "dagster/sensor_name": sensor_name}
+        result = self.run(defs, job, run_config=request.run_config, tags=tags)
+        if sensor_name == "first_digest_sensor":
+            sent = _output_metadata(result, "send_digest_for_user").get("sent", 0)
+            self.log.hours[hour]["first"] += int(sent or 0)
 
     def discovery(self, when: datetime) -> None:
         config = {"ops": {"upgrade_sequence_discover": {"config": {"entered_at": when.isoformat()}}}}
@@ -195,48 +194,46 @@ def _notion_accounts(engine: sa.Engine) -> list[NotionAccount]:
 
 
 def sequence_summary(engine: sa.Engine) -> dict[str, Counter[str]]:
+    """Per sequence, what the simulated day did: steps sent, states ended (by how), upgrade enrolments."""
     day_end = DAY + timedelta(days=1)
     out: dict[str, Counter[str]] = defaultdict(Counter)
     with engine.connect() as conn:
-        sends = conn.execute(
-            sa.select(t.email_sends.c.sequence_name, sa.func.count())
-            .where(t.email_sends.c.sent_at >= DAY, t.email_sends.c.sent_at < day_end)
-            .group_by(t.email_sends.c.sequence_name)
-        ).all()
-        for name, count in sends:
+        for name, count in _sends_per_sequence(conn, day_end):
             out[str(name)]["steps sent"] += count
-        ends = conn.execute(
-            sa.select(
-                t.email_sequence_states.c.sequence_name,
-                t.email_sequence_states.c.status,
-                t.email_sequence_states.c.exit_reason,
-                sa.func.count(),
-            )
-            .where(
-                t.email_sequence_states.c.completed_at >= DAY,
-                t.email_sequence_states.c.completed_at < day_end,
-            )
-            .group_by(
-                t.email_sequence_states.c.sequence_name,
-                t.email_sequence_states.c.status,
-                t.email_sequence_states.c.exit_reason,
-            )
-        ).all()
-        for name, status, reason, count in ends:
+        for name, status, reason, count in _ends_per_sequence(conn, day_end):
             label = f"exited ({reason})" if status == "exited" else str(status)
             out[str(name)][label] += count
-        enrolled = conn.execute(
-            sa.select(sa.func.count())
-            .select_from(t.email_sequence_states)
-            .where(
-                t.email_sequence_states.c.sequence_name == "upgrade",
-                t.email_sequence_states.c.entered_at >= DAY,
-                t.email_sequence_states.c.entered_at < day_end,
-            )
-        ).scalar_one()
-        if enrolled:
-            out["upgrade"]["enrolled today"] += enrolled
+        enrolled = _upgrade_enrolments(conn, day_end)
+    if enrolled:
+        out["upgrade"]["enrolled today"] += enrolled
     return out
+
+
+def _sends_per_sequence(conn: sa.Connection, day_end: datetime) -> Sequence[Any]:
+    sends = t.email_sends.c
+    return conn.execute(
+        sa.select(sends.sequence_name, sa.func.count())
+        .where(sends.sent_at >= DAY, sends.sent_at < day_end)
+        .group_by(sends.sequence_name)
+    ).all()
+
+
+def _ends_per_sequence(conn: sa.Connection, day_end: datetime) -> Sequence[Any]:
+    states = t.email_sequence_states.c
+    return conn.execute(
+        sa.select(states.sequence_name, states.status, states.exit_reason, sa.func.count())
+        .where(states.completed_at >= DAY, states.completed_at < day_end)
+        .group_by(states.sequence_name, states.status, states.exit_reason)
+    ).all()
+
+
+def _upgrade_enrolments(conn: sa.Connection, day_end: datetime) -> int:
+    states = t.email_sequence_states.c
+    return conn.execute(
+        sa.select(sa.func.count())
+        .select_from(t.email_sequence_states)
+        .where(states.sequence_name == "upgrade", states.entered_at >= DAY, states.entered_at < day_end)
+    ).scalar_one()
 
 
 def render_table(

@@ -311,76 +311,99 @@ def seed_world(conn: sa.Connection, keyring: ContentKeyring) -> list[NotionAccou
     """Insert every person with their settings, sources, notes, history and sequence rows."""
     accounts: list[NotionAccount] = []
     for person in PEOPLE:
-        f.user(
-            conn,
-            person.id,
-            name=person.name,
-            email=f"{person.id[2:]}@demo.dbb.test",
-            email_verified=person.verified,
-            created_at=ago(days=40),
-        )
-        if person.timezone is not None:
-            f.settings(
-                conn,
-                person.id,
-                digest_interval_days=person.interval,
-                notes_per_digest=person.per_digest,
-                timezone=person.timezone,
-                preferred_send_hour=person.send_hour,
-            )
-        if person.pro:
-            f.subscription(conn, person.id, status="active")
+        _seed_person(conn, person)
         doc_ids: list[int] = []
         if person.source == "obsidian":
-            connection_id = f.connection(
-                conn, person.id, kind="obsidian", display_name=person.source_name, created_at=ago(days=30)
-            )
-            doc_ids = _insert_notes(conn, person, connection_id, keyring)
-            if person.pending_seed:
-                f.digest(
-                    conn,
-                    person.id,
-                    status="scheduled",
-                    scheduled_for=ago(hours=1),
-                    created_at=ago(hours=1),
-                    payload={"source": "seed_after_first_sync"},
-                    document_ids=doc_ids[: person.per_digest],
-                )
+            doc_ids = _seed_obsidian(conn, person, keyring)
         elif person.source == "notion":
-            external = f"notion-ws-{person.id}"
-            token = f"secret_demo_{person.id}"
-            database_id = f"db-{person.id}"
-            connection_id = f.connection(
-                conn,
-                person.id,
-                kind="notion",
-                display_name=person.source_name,
-                account_external_id=external,
-                created_at=ago(days=20),
-            )
-            f.notion_account(conn, person.id, account_id=external, access_token=token)
-            f.scope_item(conn, connection_id, database_id)
-            accounts.append(NotionAccount(person.id, token, database_id))
-            if not person.notion_first_sync_today:
-                doc_ids = _insert_notes(conn, person, connection_id, keyring, external_prefix="page-")
-        for number, sent_at in enumerate(sorted(person.sent_digests)):
-            # A sent digest surfaced notes, like the real ones: the next few of the person's notes in turn,
-            # so "digests and notes received so far" in the upgrade email add up.
-            f.digest(
-                conn,
-                person.id,
-                status="sent",
-                scheduled_for=sent_at,
-                sent_at=sent_at,
-                created_at=sent_at,
-                document_ids=history_notes(doc_ids, number, person.per_digest),
-            )
-        for name, step, entered_at in person.sequences:
-            last = entered_at + timedelta(hours=1) if step > 1 else None
-            f.sequence_state(
-                conn, person.id, name, current_step=step, entered_at=entered_at, last_email_sent_at=last
-            )
+            account, doc_ids = _seed_notion(conn, person, keyring)
+            accounts.append(account)
+        _seed_history(conn, person, doc_ids)
     return accounts
+
+
+def _seed_person(conn: sa.Connection, person: Person) -> None:
+    f.user(
+        conn,
+        person.id,
+        name=person.name,
+        email=f"{person.id[2:]}@demo.dbb.test",
+        email_verified=person.verified,
+        created_at=ago(days=40),
+    )
+    if person.timezone is not None:
+        f.settings(
+            conn,
+            person.id,
+            digest_interval_days=person.interval,
+            notes_per_digest=person.per_digest,
+            timezone=person.timezone,
+            preferred_send_hour=person.send_hour,
+        )
+    if person.pro:
+        f.subscription(conn, person.id, status="active")
+
+
+def _seed_obsidian(conn: sa.Connection, person: Person, keyring: ContentKeyring) -> list[int]:
+    """An Obsidian vault with the person's notes (and a first digest waiting, for some); the note ids."""
+    connection_id = f.connection(
+        conn, person.id, kind="obsidian", display_name=person.source_name, created_at=ago(days=30)
+    )
+    doc_ids = _insert_notes(conn, person, connection_id, keyring)
+    if person.pending_seed:
+        f.digest(
+            conn,
+            person.id,
+            status="scheduled",
+            scheduled_for=ago(hours=1),
+            created_at=ago(hours=1),
+            payload={"source": "seed_after_first_sync"},
+            document_ids=doc_ids[: person.per_digest],
+        )
+    return doc_ids
+
+
+def _seed_notion(
+    conn: sa.Connection, person: Person, keyring: ContentKeyring
+) -> tuple[NotionAccount, list[int]]:
+    """A Notion connection with its account and database, and its notes unless its first sync is today."""
+    external = f"notion-ws-{person.id}"
+    token = f"secret_demo_{person.id}"
+    database_id = f"db-{person.id}"
+    connection_id = f.connection(
+        conn,
+        person.id,
+        kind="notion",
+        display_name=person.source_name,
+        account_external_id=external,
+        created_at=ago(days=20),
+    )
+    f.notion_account(conn, person.id, account_id=external, access_token=token)
+    f.scope_item(conn, connection_id, database_id)
+    doc_ids: list[int] = []
+    if not person.notion_first_sync_today:
+        doc_ids = _insert_notes(conn, person, connection_id, keyring, external_prefix="page-")
+    return NotionAccount(person.id, token, database_id), doc_ids
+
+
+def _seed_history(conn: sa.Connection, person: Person, doc_ids: list[int]) -> None:
+    for number, sent_at in enumerate(sorted(person.sent_digests)):
+        # A sent digest surfaced notes, like the real ones: the next few of the person's notes in turn,
+        # so "digests and notes received so far" in the upgrade email add up.
+        f.digest(
+            conn,
+            person.id,
+            status="sent",
+            scheduled_for=sent_at,
+            sent_at=sent_at,
+            created_at=sent_at,
+            document_ids=history_notes(doc_ids, number, person.per_digest),
+        )
+    for name, step, entered_at in person.sequences:
+        last = entered_at + timedelta(hours=1) if step > 1 else None
+        f.sequence_state(
+            conn, person.id, name, current_step=step, entered_at=entered_at, last_email_sent_at=last
+        )
 
 
 def history_notes(doc_ids: list[int], number: int, per_digest: int) -> list[int]:
@@ -456,28 +479,25 @@ def _blocks(markdown: str) -> list[dict]:
     blocks: list[dict] = []
     for line in markdown.replace("---\n", "").splitlines():
         text = line.strip()
-        if not text or ":" in text.split(" ")[0] and text.split(" ")[0].endswith(":"):
+        first_word = text.split(" ")[0]
+        if not text or ":" in first_word and first_word.endswith(":") or text.startswith("```"):
             continue
-        if text.startswith("## "):
-            blocks.append(block("heading_2", text[3:]))
-        elif text.startswith("# "):
-            blocks.append(block("heading_1", text[2:]))
-        elif text.startswith("- "):
-            blocks.append(
-                block(
-                    "bulleted_list_item",
-                    text[2:],
-                    children=[block("paragraph", "↳ why it matters")] if len(blocks) == 1 else None,
-                )
-            )
-        elif text[:2].rstrip(".").isdigit():
-            blocks.append(block("numbered_list_item", text.split(" ", 1)[1]))
-        elif text.startswith("> "):
-            blocks.append(block("quote", text[2:]))
-        elif text.startswith("```"):
-            continue
-        else:
-            blocks.append(
-                block("paragraph", [rich_text(text[:60], bold=len(blocks) == 0), rich_text(text[60:])])
-            )
+        blocks.append(_block_for(text, len(blocks)))
     return blocks
+
+
+# Line prefixes and the Notion block each one starts, first match wins.
+_PREFIX_BLOCKS = (("## ", "heading_2"), ("# ", "heading_1"), ("> ", "quote"))
+
+
+def _block_for(text: str, index: int) -> dict:
+    """The block for one non-blank line; ``index`` is its position on the page."""
+    for prefix, kind in _PREFIX_BLOCKS:
+        if text.startswith(prefix):
+            return block(kind, text[len(prefix) :])
+    if text.startswith("- "):
+        children = [block("paragraph", "↳ why it matters")] if index == 1 else None
+        return block("bulleted_list_item", text[2:], children=children)
+    if text[:2].rstrip(".").isdigit():
+        return block("numbered_list_item", text.split(" ", 1)[1])
+    return block("paragraph", [rich_text(text[:60], bold=index == 0), rich_text(text[60:])])

@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal
 
 from dbb_orchestration.email.rendering import Span, linkify
 
@@ -178,23 +178,31 @@ def _split_code(lines: list[str]) -> Iterator[tuple[bool, list[str]]]:
         if prose:
             yield False, prose
             prose = []
-        code: list[str] = []
-        index += 1
-        while index < len(lines):
-            closing = _FENCE_RE.match(lines[index])
-            if (
-                closing
-                and closing.group(1)[0] == fence[0]
-                and len(closing.group(1)) >= len(fence)
-                and not closing.group(2).strip()
-            ):
-                index += 1
-                break
-            code.append(lines[index])
-            index += 1
+        code, index = _fenced_code(lines, index + 1, fence)
         yield True, code
     if prose:
         yield False, prose
+
+
+def _fenced_code(lines: list[str], index: int, fence: str) -> tuple[list[str], int]:
+    """The code lines from ``index`` up to the fence closing ``fence`` (or the end), and the index after."""
+    code: list[str] = []
+    while index < len(lines):
+        if _closes(_FENCE_RE.match(lines[index]), fence):
+            return code, index + 1
+        code.append(lines[index])
+        index += 1
+    return code, index
+
+
+def _closes(closing: re.Match[str] | None, fence: str) -> bool:
+    """A closing fence: the opening's character, at least as long, nothing after it."""
+    return bool(
+        closing
+        and closing.group(1)[0] == fence[0]
+        and len(closing.group(1)) >= len(fence)
+        and not closing.group(2).strip()
+    )
 
 
 # A link with a label is kept as LINK_OPEN label LINK_MID url LINK_CLOSE until the block's spans are
@@ -238,20 +246,31 @@ def _clean_inline(line: str, *, strip: bool = True) -> str:
     if "\ue000" in line or "\ue001" in line or "\ue002" in line:
         line = _PRIVATE_RE.sub("", line)
     if "[" in line:
-        if "![" in line:
-            line = _EMBED_RE.sub("", _IMAGE_RE.sub("", line))
-        if "[[" in line:
-            line = _WIKI_LABEL_RE.sub(lambda m: m.group(2).strip(), line)
-            line = _WIKI_RE.sub(lambda m: m.group(1).strip(), line)
-        if "](" in line:
-            line = _LINK_RE.sub(_replace_link, line)
+        line = _clean_brackets(line)
     if "<" in line:
         line = _TAG_RE.sub("", _AUTOLINK_RE.sub(r"\1", line))
     if "&" in line:
         line = html.unescape(line)
-    if "  " in line or "\t" in line or "\u00a0" in line or "\u2007" in line or "\u202f" in line:
-        line = _SPACES_RE.sub(" ", line)
+    line = _collapse_spaces(line)
     return line.strip() if strip else line
+
+
+def _clean_brackets(line: str) -> str:
+    """Images and embeds removed, wiki links to their label, links to their text (see :func:`_replace_link`)."""
+    if "![" in line:
+        line = _EMBED_RE.sub("", _IMAGE_RE.sub("", line))
+    if "[[" in line:
+        line = _WIKI_LABEL_RE.sub(lambda m: m.group(2).strip(), line)
+        line = _WIKI_RE.sub(lambda m: m.group(1).strip(), line)
+    if "](" in line:
+        line = _LINK_RE.sub(_replace_link, line)
+    return line
+
+
+def _collapse_spaces(line: str) -> str:
+    if "  " in line or "\t" in line or "\u00a0" in line or "\u2007" in line or "\u202f" in line:
+        return _SPACES_RE.sub(" ", line)
+    return line
 
 
 _PLAIN = Span("")
@@ -274,32 +293,40 @@ def inline_spans(markup: str, style: Span = _PLAIN) -> tuple[Span, ...]:
         if match.start() > pos:
             out.append(_styled(style, markup[pos : match.start()]))
         pos = match.end()
-        kind = match.lastgroup
-        if match.group("code"):
-            out.append(
-                replace(style, text=match.group("code_text").strip() or match.group("code_text"), code=True)
-            )
-        elif match.group("link"):
-            url = match.group("url")
-            out.extend(inline_spans(match.group("label"), replace(style, href=url)))
-            out.append(replace(style, text=f" ({url})", link_suffix=True))
-        elif match.group("both"):
-            out.extend(inline_spans(match.group("both_text"), replace(style, bold=True, italic=True)))
-        elif match.group("bold") or match.group("bold_u"):
-            inner = match.group("bold_text") if match.group("bold") else match.group("bold_u_text")
-            out.extend(inline_spans(inner, replace(style, bold=True)))
-        elif match.group("strike"):
-            out.extend(inline_spans(match.group("strike_text"), replace(style, strike=True)))
-        elif match.group("mark"):
-            out.extend(inline_spans(match.group("mark_text"), replace(style, highlight=True)))
-        elif match.group("em") or match.group("em_u"):
-            inner = match.group("em_text") if match.group("em") else match.group("em_u_text")
-            out.extend(inline_spans(inner, replace(style, italic=True)))
-        else:  # pragma: no cover - every alternative is handled above
-            raise AssertionError(kind)
+        out.extend(_SPAN_BUILDERS[str(match.lastgroup)](match, style))
     if pos < len(markup):
         out.append(_styled(style, markup[pos:]))
     return _merge(out)
+
+
+def _code_spans(match: re.Match[str], style: Span) -> tuple[Span, ...]:
+    text = match.group("code_text")
+    return (replace(style, text=text.strip() or text, code=True),)
+
+
+def _link_spans(match: re.Match[str], style: Span) -> tuple[Span, ...]:
+    url = match.group("url")
+    label = inline_spans(match.group("label"), replace(style, href=url))
+    return (*label, replace(style, text=f" ({url})", link_suffix=True))
+
+
+def _nested(group: str, **formatting: Any) -> Callable[[re.Match[str], Span], tuple[Span, ...]]:
+    """Spans of the text inside a pair of markers, with the markers' formatting added to ``style``."""
+    return lambda match, style: inline_spans(match.group(group), replace(style, **formatting))
+
+
+# What each alternative of ``_INLINE_RE`` (its outer group, ``match.lastgroup``) becomes.
+_SPAN_BUILDERS: dict[str, Callable[[re.Match[str], Span], tuple[Span, ...]]] = {
+    "code": _code_spans,
+    "link": _link_spans,
+    "both": _nested("both_text", bold=True, italic=True),
+    "bold": _nested("bold_text", bold=True),
+    "bold_u": _nested("bold_u_text", bold=True),
+    "strike": _nested("strike_text", strike=True),
+    "mark": _nested("mark_text", highlight=True),
+    "em": _nested("em_text", italic=True),
+    "em_u": _nested("em_u_text", italic=True),
+}
 
 
 def _style(span: Span) -> tuple[object, ...]:
@@ -364,69 +391,84 @@ def _prose_blocks(lines: Iterable[str], limit: int) -> Iterator[Block]:
     """Blocks of cleaned prose lines, produced lazily so the budget stops the work early. A block whose
     text passes ``limit`` characters is emitted at once (it is truncated anyway), so a huge note without
     blank lines is not read to its end."""
-    pending = 0
-    paragraph: list[str] = []
-    quote: list[str] = []
-    items: list[str] = []
-
-    def flush() -> list[Block]:
-        nonlocal pending
-        pending = 0
-        out: list[Block] = []
-        if paragraph:
-            block = _formatted("paragraph", "\n".join(paragraph))
-            if block.text.strip():
-                out.append(block)
-            paragraph.clear()
-        if quote:
-            text = re.sub(r"\n{2,}", "\n\n", "\n".join(quote)).strip("\n")
-            if text.strip():
-                out.append(_formatted("quote", text))
-            quote.clear()
-        if items:
-            kept = tuple(item for item in items if item)
-            if kept:
-                out.append(_formatted_list(kept))
-            items.clear()
-        return out
-
+    prose = _OpenProse()
     for line in lines:
-        if pending > limit:
-            yield from flush()
+        if prose.pending > limit:
+            yield from prose.flush()
         if not line or _THEMATIC_RE.match(line):
-            yield from flush()
+            yield from prose.flush()
             continue
-        pending += len(line)
+        prose.pending += len(line)
+        yield from prose.add(line)
+    yield from prose.flush()
+
+
+class _OpenProse:
+    """The paragraph, quote or list being read by :func:`_prose_blocks`, and its length so far."""
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.paragraph: list[str] = []
+        self.quote: list[str] = []
+        self.items: list[str] = []
+
+    def add(self, line: str) -> list[Block]:
+        """Take one non-blank line; returns the blocks it closes."""
         if line.startswith(">"):
-            if not quote:
-                yield from flush()
-            body = _QUOTE_PREFIX_RE.sub("", line).strip()
-            quote.append(_CALLOUT_RE.sub("", body) if body.startswith("[!") else body)
-            continue
-        if line.startswith("#"):
-            heading = _HEADING_RE.match(line)
-            if heading:
-                yield from flush()
-                if heading.group(2).strip():
-                    yield _formatted("heading", heading.group(2).strip(), level=len(heading.group(1)))
-                continue
+            return self._add_quote_line(line)
+        heading = _HEADING_RE.match(line) if line.startswith("#") else None
+        if heading:
+            return self._heading(heading)
         bullet = _LIST_RE.match(line) if line[0] in "-*•" else None
         if bullet:
-            if not items:
-                yield from flush()
-            item = bullet.group(1).strip()
-            checkbox = _CHECKBOX_RE.match(item)
-            if checkbox:
-                item = ("☐ " if checkbox.group(1) == " " else "☑ ") + item[checkbox.end() :]
-            items.append(item.strip())
-            continue
-        if items:  # a plain line right under an item continues it
-            items[-1] = f"{items[-1]} {line}".strip()
-            continue
-        if quote:
-            yield from flush()
-        paragraph.append(line)
-    yield from flush()
+            return self._add_item(bullet.group(1).strip())
+        if self.items:  # a plain line right under an item continues it
+            self.items[-1] = f"{self.items[-1]} {line}".strip()
+            return []
+        closed = self.flush() if self.quote else []
+        self.paragraph.append(line)
+        return closed
+
+    def _add_quote_line(self, line: str) -> list[Block]:
+        closed = [] if self.quote else self.flush()
+        body = _QUOTE_PREFIX_RE.sub("", line).strip()
+        self.quote.append(_CALLOUT_RE.sub("", body) if body.startswith("[!") else body)
+        return closed
+
+    def _heading(self, heading: re.Match[str]) -> list[Block]:
+        closed = self.flush()
+        if heading.group(2).strip():
+            closed.append(_formatted("heading", heading.group(2).strip(), level=len(heading.group(1))))
+        return closed
+
+    def _add_item(self, item: str) -> list[Block]:
+        closed = [] if self.items else self.flush()
+        checkbox = _CHECKBOX_RE.match(item)
+        if checkbox:
+            item = ("☐ " if checkbox.group(1) == " " else "☑ ") + item[checkbox.end() :]
+        self.items.append(item.strip())
+        return closed
+
+    def flush(self) -> list[Block]:
+        """Close whatever is open: the blocks it makes (blank ones are dropped)."""
+        self.pending = 0
+        closed: list[Block] = []
+        if self.paragraph:
+            block = _formatted("paragraph", "\n".join(self.paragraph))
+            if block.text.strip():
+                closed.append(block)
+            self.paragraph.clear()
+        if self.quote:
+            text = re.sub(r"\n{2,}", "\n\n", "\n".join(self.quote)).strip("\n")
+            if text.strip():
+                closed.append(_formatted("quote", text))
+            self.quote.clear()
+        if self.items:
+            kept = tuple(item for item in self.items if item)
+            if kept:
+                closed.append(_formatted_list(kept))
+            self.items.clear()
+        return closed
 
 
 def _all_blocks(markdown: str, limit: int) -> Iterator[Block]:

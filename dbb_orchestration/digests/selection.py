@@ -15,7 +15,6 @@ from typing import Literal
 from dbb_orchestration.timing import iso_utc_millis, require_aware
 
 Reason = Literal["new", "overdue", "due_soon", "scheduled"]
-SkipReason = Literal["suspended", "deprioritized"]
 
 WEIGHT_MIN = 0.1
 WEIGHT_MAX = 5.0
@@ -33,7 +32,6 @@ SCHEDULED_CAP_DAYS = 30
 
 COOLDOWN = timedelta(days=1)
 COOLDOWN_FACTOR = 0.25
-NEW_SHARE_WHEN_ALL_SEEN = 0.4  # applied as (batch * 2) // 5
 
 FNV_OFFSET_BASIS = 2166136261
 FNV_PRIME = 16777619
@@ -214,6 +212,51 @@ def _order(eligible: list[_Scored], seed: str | None) -> list[_Scored]:
     return out
 
 
+def _skip_reason(cand: Candidate, now: datetime) -> str | None:
+    """Step 1: ``suspended`` (wins), ``deprioritized`` while ``deprioritized_until`` is after ``now``."""
+    if cand.status == "suspended":
+        return "suspended"
+    if cand.deprioritized_until is not None:
+        require_aware(cand.deprioritized_until, "deprioritized_until")
+        if cand.deprioritized_until > now:
+            return "deprioritized"
+    return None
+
+
+def _scored(cand: Candidate, now: datetime) -> _Scored:
+    """Steps 2–4: weight, base score × weight, × 0.25 during cooldown."""
+    weight = clamp_weight(cand.priority_weight)
+    base, reason = base_score(cand.next_due_at, now)
+    score = base * weight
+    if in_cooldown(cand.last_sent_at, now):
+        score *= COOLDOWN_FACTOR
+    return _Scored(cand, weight, score, reason)
+
+
+def _fill(ordered: list[_Scored], batch_size: int) -> list[_Scored]:
+    """Step 6: the groups in their fill order, each keeping the step-5 order."""
+    if any(s.candidate.last_sent_at is None for s in ordered):
+        return _fill_never_sent_first(ordered)
+    return _fill_by_reason(ordered, batch_size)
+
+
+def _fill_never_sent_first(ordered: list[_Scored]) -> list[_Scored]:
+    """Already-sent ones with weight > 1, then never-sent ones, then the other already-sent ones."""
+    boosted = [s for s in ordered if s.candidate.last_sent_at is not None and s.weight > 1]
+    never_sent = [s for s in ordered if s.candidate.last_sent_at is None]
+    other_seen = [s for s in ordered if s.candidate.last_sent_at is not None and s.weight <= 1]
+    return boosted + never_sent + other_seen
+
+
+def _fill_by_reason(ordered: list[_Scored], batch_size: int) -> list[_Scored]:
+    """Overdue and due-soon, at most floor(batch × 0.4) new, scheduled, then the other new ones."""
+    urgent = [s for s in ordered if s.reason in ("overdue", "due_soon")]
+    new = [s for s in ordered if s.reason == "new"]
+    scheduled = [s for s in ordered if s.reason == "scheduled"]
+    new_cap = (batch_size * 2) // 5  # floor(batch × 0.4) in exact integer arithmetic
+    return urgent + new[:new_cap] + scheduled + new[new_cap:]
+
+
 def select_notes(
     candidates: list[Candidate] | tuple[Candidate, ...],
     batch_size: int,
@@ -245,38 +288,16 @@ def select_notes(
         if cand.document_id in seen_ids:
             continue
         seen_ids.add(cand.document_id)
-        if cand.status == "suspended":
-            skipped.append((cand.document_id, "suspended"))
-            continue
-        if cand.deprioritized_until is not None:
-            require_aware(cand.deprioritized_until, "deprioritized_until")
-            if cand.deprioritized_until > now:
-                skipped.append((cand.document_id, "deprioritized"))
-                continue
-        weight = clamp_weight(cand.priority_weight)
-        base, reason = base_score(cand.next_due_at, now)
-        score = base * weight
-        if in_cooldown(cand.last_sent_at, now):
-            score *= COOLDOWN_FACTOR
-        eligible.append(_Scored(cand, weight, score, reason))
+        skip = _skip_reason(cand, now)
+        if skip:
+            skipped.append((cand.document_id, skip))
+        else:
+            eligible.append(_scored(cand, now))
 
     if batch_size <= 0 or not eligible:
         return Selection(items=[], skipped=skipped)
 
-    ordered = _order(eligible, seed)
-
-    if any(s.candidate.last_sent_at is None for s in ordered):
-        boosted = [s for s in ordered if s.candidate.last_sent_at is not None and s.weight > 1]
-        never_sent = [s for s in ordered if s.candidate.last_sent_at is None]
-        other_seen = [s for s in ordered if s.candidate.last_sent_at is not None and s.weight <= 1]
-        filled = boosted + never_sent + other_seen
-    else:
-        urgent = [s for s in ordered if s.reason in ("overdue", "due_soon")]
-        new = [s for s in ordered if s.reason == "new"]
-        scheduled = [s for s in ordered if s.reason == "scheduled"]
-        new_cap = (batch_size * 2) // 5  # floor(batch × 0.4) in exact integer arithmetic
-        filled = urgent + new[:new_cap] + scheduled + new[new_cap:]
-
+    filled = _fill(_order(eligible, seed), batch_size)
     items = [
         Selected(
             document_id=s.candidate.document_id,

@@ -113,22 +113,27 @@ def spans_html(spans: object) -> Markup:
     like a single plain span."""
     if isinstance(spans, str):
         spans = (Span(spans),)
-    parts: list[str] = []
-    for span in spans:  # type: ignore[attr-defined]
-        if span.link_suffix or not span.text:
-            continue
-        if span.code:
-            inner = str(escape(span.text))
-        elif span.href and re.match(r"https?://", span.href, re.IGNORECASE):
-            inner = f'<a href="{escape(span.href)}" target="_blank" rel="noopener">{escape(span.text)}</a>'
-        else:
-            inner = str(linkify(span.text))
-        if span.code or span.highlight or span.strike or span.italic or span.bold:
-            for attr, opening, closing in _SPAN_TAGS:
-                if getattr(span, attr):
-                    inner = f"{opening}{inner}{closing}"
-        parts.append(inner)
+    parts = [_span_html(span) for span in spans if span.text and not span.link_suffix]  # type: ignore[attr-defined]
     return Markup("".join(parts).replace("\n", "<br>\n"))
+
+
+def _span_html(span: Span) -> str:
+    if span.code:
+        inner = str(escape(span.text))
+    elif span.href and re.match(r"https?://", span.href, re.IGNORECASE):
+        inner = f'<a href="{escape(span.href)}" target="_blank" rel="noopener">{escape(span.text)}</a>'
+    else:
+        inner = str(linkify(span.text))
+    if span.code or span.highlight or span.strike or span.italic or span.bold:
+        return _wrap_formatting(span, inner)
+    return inner
+
+
+def _wrap_formatting(span: Span, inner: str) -> str:
+    for attr, opening, closing in _SPAN_TAGS:
+        if getattr(span, attr):
+            inner = f"{opening}{inner}{closing}"
+    return inner
 
 
 def nl2br(value: object) -> Markup:

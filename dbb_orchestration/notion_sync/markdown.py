@@ -89,7 +89,7 @@ is not a list counts as no children.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 BlockNode = Mapping[str, Any]
@@ -191,37 +191,67 @@ def _append_children(base: str, block: BlockNode, depth: int) -> str:
 
 def _render_block(block: BlockNode, block_type: str, depth: int) -> str:
     """One block's markdown at ``depth`` (not yet right-trimmed)."""
-    if block_type == "paragraph":
-        return _indent_lines(_block_text(block, block_type), depth)
     if block_type in HEADING_MARKERS:
         return _indent_lines(f"{HEADING_MARKERS[block_type]} {_block_text(block, block_type)}", depth)
-    if block_type in LIST_TYPES:
-        if block_type == "bulleted_list_item":
-            marker = "-"
-        elif block_type == "numbered_list_item":
-            marker = "1."
-        else:
-            marker = "- [x]" if _mapping(block.get("to_do")).get("checked") else "- [ ]"
-        line = trim_end(f"{INDENT_UNIT * depth}{marker} {_block_text(block, block_type)}")
-        return _append_children(line, block, depth + 1)
-    if block_type == "quote":
-        base = _indent_lines(f"> {_block_text(block, block_type)}", depth)
-        return _append_children(base, block, depth + 1)
-    if block_type == "callout":
-        icon = _mapping(_mapping(block.get("callout")).get("icon"))
-        emoji = f"{_string(icon.get('emoji'))} " if icon.get("type") == "emoji" else ""
-        base = _indent_lines(f"> {emoji}{_block_text(block, block_type)}", depth)
-        return _append_children(base, block, depth + 1)
-    if block_type == "code":
-        language = _string(_mapping(block.get("code")).get("language"))
-        suffix = f" {language}" if language else ""
-        return _indent_lines(f"```{suffix}\n{_block_text(block, block_type)}\n```", depth)
-    if block_type == "toggle":
-        base = _indent_lines(_block_text(block, block_type), depth)
-        return _append_children(base, block, depth + 1)
-    if block_type == "divider":
-        return _indent_lines("---", depth)
-    return _indent_lines(f"[Unsupported block: {block_type}]", depth)
+    render = _BLOCK_RENDERERS.get(block_type)
+    if render is None:
+        return _indent_lines(f"[Unsupported block: {block_type}]", depth)
+    return render(block, block_type, depth)
+
+
+def _render_paragraph(block: BlockNode, block_type: str, depth: int) -> str:
+    return _indent_lines(_block_text(block, block_type), depth)
+
+
+def _render_list_item(block: BlockNode, block_type: str, depth: int) -> str:
+    if block_type == "bulleted_list_item":
+        marker = "-"
+    elif block_type == "numbered_list_item":
+        marker = "1."
+    else:
+        marker = "- [x]" if _mapping(block.get("to_do")).get("checked") else "- [ ]"
+    line = trim_end(f"{INDENT_UNIT * depth}{marker} {_block_text(block, block_type)}")
+    return _append_children(line, block, depth + 1)
+
+
+def _render_quote(block: BlockNode, block_type: str, depth: int) -> str:
+    base = _indent_lines(f"> {_block_text(block, block_type)}", depth)
+    return _append_children(base, block, depth + 1)
+
+
+def _render_callout(block: BlockNode, block_type: str, depth: int) -> str:
+    icon = _mapping(_mapping(block.get("callout")).get("icon"))
+    emoji = f"{_string(icon.get('emoji'))} " if icon.get("type") == "emoji" else ""
+    base = _indent_lines(f"> {emoji}{_block_text(block, block_type)}", depth)
+    return _append_children(base, block, depth + 1)
+
+
+def _render_code(block: BlockNode, block_type: str, depth: int) -> str:
+    language = _string(_mapping(block.get("code")).get("language"))
+    suffix = f" {language}" if language else ""
+    return _indent_lines(f"```{suffix}\n{_block_text(block, block_type)}\n```", depth)
+
+
+def _render_toggle(block: BlockNode, block_type: str, depth: int) -> str:
+    base = _indent_lines(_block_text(block, block_type), depth)
+    return _append_children(base, block, depth + 1)
+
+
+def _render_divider(block: BlockNode, block_type: str, depth: int) -> str:
+    return _indent_lines("---", depth)
+
+
+_BLOCK_RENDERERS: dict[str, Callable[[BlockNode, str, int], str]] = {
+    "paragraph": _render_paragraph,
+    "bulleted_list_item": _render_list_item,
+    "numbered_list_item": _render_list_item,
+    "to_do": _render_list_item,
+    "quote": _render_quote,
+    "callout": _render_callout,
+    "code": _render_code,
+    "toggle": _render_toggle,
+    "divider": _render_divider,
+}
 
 
 def _render_sequence(blocks: Sequence[Any], depth: int) -> str:

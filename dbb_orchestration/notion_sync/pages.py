@@ -20,7 +20,7 @@ Choices made here (documented because the backend writes the same ``documents`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,32 +99,56 @@ def _unique_id_value(value: Any) -> str | None:
     return f"{prefix}-{number}" if isinstance(prefix, str) and prefix else str(number)
 
 
+def _title_text(payload: Any) -> str:
+    return _plain_text(payload, TEXT_SUMMARY_MAX_CHARS)
+
+
+def _option_names(payload: Any) -> list[str]:
+    names = [_named(option) for option in payload] if isinstance(payload, list) else []
+    return [name for name in names if name is not None]
+
+
+def _user_id(payload: Any) -> str | None:
+    return _string_or_none(_mapping(payload).get("id"))
+
+
+def _verification_state(payload: Any) -> str | None:
+    return _string_or_none(_mapping(payload).get("state"))
+
+
+# How each known property type's payload is summarised (see :func:`summarize_properties`).
+_PROPERTY_READERS: dict[str, Callable[[Any], Any]] = {
+    "title": _title_text,
+    "rich_text": _title_text,
+    "select": _named,
+    "status": _named,
+    "multi_select": _option_names,
+    "date": _date_value,
+    "checkbox": bool,
+    "number": _scalar,
+    "url": _scalar,
+    "email": _scalar,
+    "phone_number": _scalar,
+    "created_time": _scalar,
+    "last_edited_time": _scalar,
+    "people": _count,
+    "relation": _count,
+    "files": _count,
+    "formula": _typed_union_value,
+    "rollup": _typed_union_value,
+    "created_by": _user_id,
+    "last_edited_by": _user_id,
+    "unique_id": _unique_id_value,
+    "verification": _verification_state,
+}
+
+
 def _property_value(prop_type: str, payload: Any) -> tuple[bool, Any]:
     """``(known, value)`` for one property's type payload."""
-    if prop_type in ("title", "rich_text"):
-        return True, _plain_text(payload, TEXT_SUMMARY_MAX_CHARS)
-    if prop_type in ("select", "status"):
-        return True, _named(payload)
-    if prop_type == "multi_select":
-        names = [_named(option) for option in payload] if isinstance(payload, list) else []
-        return True, [name for name in names if name is not None]
-    if prop_type == "date":
-        return True, _date_value(payload)
-    if prop_type == "checkbox":
-        return True, bool(payload)
-    if prop_type in ("number", "url", "email", "phone_number", "created_time", "last_edited_time"):
-        return True, _scalar(payload)
-    if prop_type in ("people", "relation", "files"):
-        return True, _count(payload)
-    if prop_type in ("formula", "rollup"):
-        return True, _typed_union_value(payload)
-    if prop_type in ("created_by", "last_edited_by"):
-        return True, _string_or_none(_mapping(payload).get("id"))
-    if prop_type == "unique_id":
-        return True, _unique_id_value(payload)
-    if prop_type == "verification":
-        return True, _string_or_none(_mapping(payload).get("state"))
-    return False, None
+    reader = _PROPERTY_READERS.get(prop_type)
+    if reader is None:
+        return False, None
+    return True, reader(payload)
 
 
 def summarize_properties(properties: Mapping[str, Any] | None) -> dict[str, dict[str, Any]]:

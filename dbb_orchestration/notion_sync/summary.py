@@ -69,6 +69,28 @@ def load_recorded_runs(conn: sa.Connection, since: datetime, run_ids: Collection
     return [newest[key] for key in sorted(newest)]
 
 
+_PAGE_COUNTERS = {
+    "pagesVisited": "pages_visited",
+    "pagesFetched": "pages_fetched",
+    "pagesSkipped": "pages_skipped",
+}
+_DOCUMENT_GROUPS = ("accepted", "rejected", "skipped")
+
+
+def _add_run_stats(totals: Counter[str], stats: Mapping[str, Any]) -> None:
+    """Add one run's page counters and per-reason document counts to ``totals``."""
+    for key, name in _PAGE_COUNTERS.items():
+        totals[name] += positive_int(stats.get(key))
+    documents = stats.get("documents")
+    documents = documents if isinstance(documents, Mapping) else {}
+    for group in _DOCUMENT_GROUPS:
+        counts = documents.get(group)
+        for reason, count in counts.items() if isinstance(counts, Mapping) else []:
+            value = positive_int(count)
+            totals[f"documents_{group}"] += value
+            totals[f"{group}_{reason}"] += value
+
+
 def summarize_runs(runs: Sequence[RecordedRun]) -> dict[str, int]:
     """Totals over connections: ``connections_total``/``_synced``/``_failed`` (``running`` rows count as
     neither), ``pages_visited``/``_fetched``/``_skipped``, ``documents_accepted``/``_rejected``/
@@ -79,22 +101,9 @@ def summarize_runs(runs: Sequence[RecordedRun]) -> dict[str, int]:
     totals["connections_synced"] = sum(1 for r in runs if r.status == SyncStatus.SUCCESS.value)
     totals["connections_failed"] = sum(1 for r in runs if r.status == SyncStatus.FAILED.value)
     for run in runs:
-        for key, name in (
-            ("pagesVisited", "pages_visited"),
-            ("pagesFetched", "pages_fetched"),
-            ("pagesSkipped", "pages_skipped"),
-        ):
-            totals[name] += positive_int(run.stats.get(key))
-        documents = run.stats.get("documents")
-        documents = documents if isinstance(documents, Mapping) else {}
-        for group in ("accepted", "rejected", "skipped"):
-            counts = documents.get(group)
-            for reason, count in counts.items() if isinstance(counts, Mapping) else []:
-                value = positive_int(count)
-                totals[f"documents_{group}"] += value
-                totals[f"{group}_{reason}"] += value
-    for name in ("pages_visited", "pages_fetched", "pages_skipped"):
+        _add_run_stats(totals, run.stats)
+    for name in _PAGE_COUNTERS.values():
         totals.setdefault(name, 0)
-    for group in ("accepted", "rejected", "skipped"):
+    for group in _DOCUMENT_GROUPS:
         totals.setdefault(f"documents_{group}", 0)
     return dict(totals)

@@ -90,13 +90,27 @@ def outside_failure_cause(failure_message: str | None, engine_messages: Sequence
     monitoring writes its verdict there), else the latest engine event that names a cause (the run
     worker's exit code or signal), else the failure message as it is."""
     message = (failure_message or "").strip()
-    if message and OUTSIDE_FAILURE not in message and not message.startswith("Execution of run"):
+    if _says_why(message):
         return message
     for candidate in reversed(engine_messages):
         text = candidate.strip()
-        if text and any(marker in text.lower() for marker in _CAUSE_MARKERS):
+        if _names_a_cause(text):
             return f"{text} ({OUTSIDE_FAILURE})" if OUTSIDE_FAILURE in message else text
     return message or "run failed"
+
+
+def _says_why(failure_message: str) -> bool:
+    """Not Dagster's generic wording ("... outside of the process ..." / "Execution of run ... failed")."""
+    return (
+        bool(failure_message)
+        and OUTSIDE_FAILURE not in failure_message
+        and not (failure_message.startswith("Execution of run"))
+    )
+
+
+def _names_a_cause(engine_message: str) -> bool:
+    lower = engine_message.lower()
+    return any(marker in lower for marker in _CAUSE_MARKERS)
 
 
 def _engine_messages(instance: dg.DagsterInstance, run_id: str) -> list[str]:

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -23,7 +24,6 @@ PRODUCTION_DAGSTER_YAML = REPO_ROOT / "deploy" / "dagster.yaml"
 
 def check_instance(dagster_yaml: Path, admin_url: str) -> list[str]:
     import dagster as dg
-    from dagster._core.run_coordinator import QueuedRunCoordinator
 
     from dbb_orchestration.db.engine import create_db_engine
 
@@ -34,44 +34,62 @@ def check_instance(dagster_yaml: Path, admin_url: str) -> list[str]:
         conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
     home = Path(tempfile.mkdtemp(prefix="dagster_home_"))
     saved = {k: os.environ.get(k) for k in ("DAGSTER_HOME", *_PG_VARS)}
-    report: list[str] = []
     try:
         shutil.copy(dagster_yaml, home / "dagster.yaml")
-        os.environ.update(
-            DAGSTER_HOME=str(home),
-            DAGSTER_PG_USERNAME=url.username or "postgres",
-            DAGSTER_PG_PASSWORD=url.password or "",
-            DAGSTER_PG_HOST=url.host or "127.0.0.1",
-            DAGSTER_PG_DB=name,
-            DAGSTER_PG_PORT=str(url.port or 5432),
-        )
+        os.environ.update(_instance_env(home, url, name))
         with dg.DagsterInstance.get() as instance:
-            storage = type(instance.run_storage).__name__
-            if storage != "PostgresRunStorage":
-                raise SystemExit(f"run storage is {storage}, expected PostgresRunStorage")
-            if not isinstance(instance.run_coordinator, QueuedRunCoordinator):
-                raise SystemExit("run coordinator is not the QueuedRunCoordinator")
-            assert instance.run_retries_enabled, "run retries are off"
-            assert instance.run_monitoring_enabled, "run monitoring is off"
-            instance.get_runs(limit=1)
-            instance.event_log_storage.get_concurrency_keys()
-            report.append(f"run storage: {storage}")
-            report.append(f"event log storage: {type(instance.event_log_storage).__name__}")
-            report.append(f"schedule storage: {type(instance.schedule_storage).__name__}")
-            report.append("run coordinator: QueuedRunCoordinator")
-            limits = instance.get_concurrency_config().run_queue_config
-            report.append(f"tag concurrency limits: {limits.tag_concurrency_limits if limits else None}")
+            report = _inspect(instance)
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _restore_env(saved)
         shutil.rmtree(home, ignore_errors=True)
         with admin.connect() as conn:
             conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.dispose()
     return report
+
+
+def _instance_env(home: Path, url: sa.URL, database: str) -> dict[str, str]:
+    """``DAGSTER_HOME`` and the ``DAGSTER_PG_*`` variables deploy/dagster.yaml reads, for ``database``."""
+    return {
+        "DAGSTER_HOME": str(home),
+        "DAGSTER_PG_USERNAME": url.username or "postgres",
+        "DAGSTER_PG_PASSWORD": url.password or "",
+        "DAGSTER_PG_HOST": url.host or "127.0.0.1",
+        "DAGSTER_PG_DB": database,
+        "DAGSTER_PG_PORT": str(url.port or 5432),
+    }
+
+
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _inspect(instance: Any) -> list[str]:
+    """Fail unless the instance has Postgres storage, the queued coordinator, run retries and monitoring;
+    touch each storage once; describe what was found."""
+    from dagster._core.run_coordinator import QueuedRunCoordinator
+
+    storage = type(instance.run_storage).__name__
+    if storage != "PostgresRunStorage":
+        raise SystemExit(f"run storage is {storage}, expected PostgresRunStorage")
+    if not isinstance(instance.run_coordinator, QueuedRunCoordinator):
+        raise SystemExit("run coordinator is not the QueuedRunCoordinator")
+    assert instance.run_retries_enabled, "run retries are off"
+    assert instance.run_monitoring_enabled, "run monitoring is off"
+    instance.get_runs(limit=1)
+    instance.event_log_storage.get_concurrency_keys()
+    limits = instance.get_concurrency_config().run_queue_config
+    return [
+        f"run storage: {storage}",
+        f"event log storage: {type(instance.event_log_storage).__name__}",
+        f"schedule storage: {type(instance.schedule_storage).__name__}",
+        "run coordinator: QueuedRunCoordinator",
+        f"tag concurrency limits: {limits.tag_concurrency_limits if limits else None}",
+    ]
 
 
 _PG_VARS = (

@@ -117,11 +117,30 @@ def test_helm_matches_dagster_yaml_on_pools_monitoring_retries_and_threads() -> 
         }
 
 
+def test_helm_matches_dagster_yaml_on_tick_retention() -> None:
+    retention = VALUES["retention"]
+    assert retention["enabled"] is True
+    assert retention["schedule"]["purgeAfterDays"] == INSTANCE["retention"]["schedule"]["purge_after_days"]
+    assert retention["sensor"]["purgeAfterDays"] == INSTANCE["retention"]["sensor"]["purge_after_days"]
+
+
 def test_docker_cmd_is_dagster_api_grpc_on_the_chart_port() -> None:
     cmd = _docker_cmd()
     assert cmd[:3] == ["dagster", "api", "grpc"]
     assert cmd[cmd.index("-p") + 1] == "3030"
     assert cmd[cmd.index("-m") + 1] == "dbb_orchestration.definitions"
+
+
+def test_image_carries_the_production_instance_config_where_dagster_reads_it() -> None:
+    lines = (ROOT / "Dockerfile").read_text().splitlines()
+    env = next(x for x in lines if "DAGSTER_HOME=" in x)
+    assert "DAGSTER_HOME=/opt/dagster/dagster_home" in env
+    copies = [x.split()[1:] for x in lines if x.startswith("COPY ")]
+    assert ["deploy/dagster.yaml", "${DAGSTER_HOME}/dagster.yaml"] in copies
+    # the local instance file (SQLite storage) must not ride along where nothing reads it
+    assert not any(
+        "dagster.yaml" in src for copy in copies for src in copy[:-1] if src != "deploy/dagster.yaml"
+    )
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""Exactly once, by construction (issue #4 item 7): concurrent runs, a run killed mid-step, and users
+"""Exactly once, by construction: concurrent runs, a run killed mid-step, and users
 whose situation changes between two sensor ticks. Postgres is the production database; the concurrency
 test also runs on SQLite, where the provider's idempotency (not a row lock) prevents a second email."""
 
