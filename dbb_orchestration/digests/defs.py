@@ -159,7 +159,6 @@ def plan_digest_batches(
         "sent": dg.Out(dict, io_manager_key=COUNTS_IO_MANAGER),
     },
     pool="email_provider",
-    retry_policy=_RETRY,
     description="For one range of users: creates the digests needed at the partition's hour, then sends "
     "the newest pending digest of every user due then, exactly once.",
 )
@@ -216,6 +215,7 @@ def summarize_digest_batches(
     partitions_def=DIGEST_PARTITIONS,
     tags={"dbb/job": "digest_hourly"},
     executor_def=_executor(),
+    op_retry_policy=_RETRY,  # every step is safe to retry on its own
     description="Hourly: users split into ranges by id, each range a step that generates the day's "
     "digests and sends the ones due in each user's send hour; a last step adds up the counts.",
 )

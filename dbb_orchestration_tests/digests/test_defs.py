@@ -94,7 +94,7 @@ def test_wiring_tags_pools_retries_and_partitions() -> None:
     for_user = cast(dg.OpDefinition, digest_send_for_user_job.graph.node_named(SEND_FOR_USER_OP).definition)
     assert batch.pool == "email_provider" and for_user.pool == "email_provider"
     assert plan.pool is None
-    assert batch.retry_policy is not None
+    assert digest_hourly_job.op_retry_policy is not None and batch.retry_policy is None  # job-wide policy
     # the batch steps map the plan's ranges; the summary collects both of their outputs
     deps = digest_hourly_job.graph.dependency_structure
     assert [h.node_name for h in deps.all_upstream_outputs_from_node(BATCH_OP)] == [PLAN_OP]
