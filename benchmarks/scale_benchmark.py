@@ -27,6 +27,7 @@ Every copy is dropped at the end, and the seeded database too unless ``--keep`` 
 ``--reuse`` to skip the seed).
 """
 
+# ruff: noqa: S608  (the seed SQL is built from integers and this file's constants only)
 from __future__ import annotations
 
 import argparse
@@ -49,18 +50,18 @@ import sqlalchemy as sa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from digest_benchmark import KEY, TIMEZONES, StatementCounter, fake_resend_process, note_markdown  # noqa: E402
+from digest_benchmark import KEY, TIMEZONES, StatementCounter, fake_resend_process, note_markdown
 
-from dbb_orchestration.config import Settings  # noqa: E402
-from dbb_orchestration.content import ContentKeyring, encode_content  # noqa: E402
-from dbb_orchestration.db.engine import create_db_engine  # noqa: E402
-from dbb_orchestration.definitions import make_definitions  # noqa: E402
-from dbb_orchestration.digests.batches import user_ranges  # noqa: E402
-from dbb_orchestration.digests.defs import BATCH_OP, SUMMARY_OP  # noqa: E402
-from dbb_orchestration.digests.generate import generate_digests  # noqa: E402
-from dbb_orchestration.digests.send import send_due_digests  # noqa: E402
-from dbb_orchestration.email.sender import EmailSender  # noqa: E402
-from dbb_orchestration.resources import resend_sender  # noqa: E402
+from dbb_orchestration.config import Settings
+from dbb_orchestration.content import ContentKeyring, encode_content
+from dbb_orchestration.db.engine import create_db_engine
+from dbb_orchestration.definitions import make_definitions
+from dbb_orchestration.digests.batches import user_ranges
+from dbb_orchestration.digests.defs import BATCH_OP, SUMMARY_OP
+from dbb_orchestration.digests.generate import generate_digests
+from dbb_orchestration.digests.send import send_due_digests
+from dbb_orchestration.email.sender import EmailSender
+from dbb_orchestration.resources import resend_sender
 
 DDL = Path(__file__).resolve().parent.parent / "dbb_orchestration_tests" / "backend_schema.sql"
 HOUR = datetime(2026, 2, 8, 8, 0, tzinfo=UTC)
@@ -177,7 +178,9 @@ class Server:
 
     def exists(self, name: str) -> bool:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
-            return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+            return (
+                conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+            )
 
     def create(self, name: str, template: str | None = None) -> str:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
@@ -341,7 +344,9 @@ def main(argv: list[str] | None = None) -> int:
                             f"max {batches[-1]:.1f} s, sum {sum(batches):.1f} s"
                         )
                     print(f"   peak RSS of a step process: {run['peak_child_rss_mb']:.0f} MB")
-                    print(f"   digest rows created {run['generated']:,}, sent {run['sent']:,}; now {run['digests']}")
+                    print(
+                        f"   digest rows created {run['generated']:,}, sent {run['sent']:,}; now {run['digests']}"
+                    )
             with server.copy_of(base, f"{base}_slice") as url:
                 engine = create_db_engine(url)
                 with engine.connect() as conn:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import dagster as dg
@@ -122,7 +122,7 @@ class RangeKeyIOManager(dg.ConfigurableIOManager):
 # ---------------------------------------------------------------------------------------- the counts
 
 
-def add_counts(reports: list[Mapping[str, Any]]) -> dict[str, Any]:
+def add_counts(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The sum of batch reports: numbers add up, dicts of numbers add up key by key, lists are joined,
     and any other value (a logical time, a flag) is kept when every report agrees, else dropped."""
     total: dict[str, Any] = {}

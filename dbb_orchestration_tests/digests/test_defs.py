@@ -15,9 +15,9 @@ from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import shared_engine
 from dbb_orchestration.definitions import build_resources, make_definitions
 from dbb_orchestration.digests.defs import (
+    BATCH_OP,
     DIGEST_PARTITIONS,
     FIRST_DIGEST_SENSOR_LIMIT,
-    BATCH_OP,
     PLAN_OP,
     SEND_FOR_USER_OP,
     SUMMARY_OP,
