@@ -165,6 +165,16 @@ def test_multiprocess_run_makes_the_same_digests_and_emails_as_in_process(
                 pids = {e.pid for e in result.all_events if e.is_step_start}
                 generated = result.output_for_node(SUMMARY_OP, "generated")
                 sent = result.output_for_node(SUMMARY_OP, "sent")
+                summary = {
+                    e.step_output_data.output_name: {
+                        k: v.value for k, v in e.step_output_data.metadata.items()
+                    }
+                    for e in result.all_events
+                    if e.is_successful_output and e.step_key == SUMMARY_OP and e.step_output_data
+                }
+            # every user was considered by exactly one batch step, for generating and for sending
+            assert summary["generated"]["users_considered"] == 7 and summary["sent"]["users_considered"] == 7
+            assert summary["generated"]["batch_steps"] == 4
             outcomes.append((_digests(url), _emails(fake), generated, sent))
         finally:
             fake.stop()
