@@ -67,7 +67,7 @@ from dbb_orchestration.config import Settings
 from dbb_orchestration.content import ContentKeyring, encode_content
 from dbb_orchestration.db.engine import create_db_engine, shared_engine
 from dbb_orchestration.definitions import build_resources
-from dbb_orchestration.digests.defs import GENERATE_OP, SEND_OP, digest_hourly_job
+from dbb_orchestration.digests.defs import BATCH_OP, SUMMARY_OP, digest_hourly_job
 from dbb_orchestration.digests.generate import generate_digests
 from dbb_orchestration.timing import due_decision, resolve_timezone
 
@@ -384,7 +384,10 @@ def run_job(
         elif event.event_type_value == "STEP_SUCCESS":
             step_times[event.step_key] = record.timestamp - starts[event.step_key]
         elif event.event_type_value == "STEP_OUTPUT" and event.step_output_data is not None:
-            metadata[event.step_key] = {k: v.value for k, v in event.step_output_data.metadata.items()}
+            name = event.step_output_data.output_name
+            metadata[f"{event.step_key}.{name}"] = {
+                k: v.value for k, v in event.step_output_data.metadata.items()
+            }
     statements["total"] = pg_stat_calls(url) if use_pg_stat else counter.count
     return {"total": total, "steps": step_times, "statements": statements, "metadata": metadata}
 
@@ -470,13 +473,15 @@ def main(argv: list[str] | None = None) -> int:
                         "\n== profile of the first run (inflated by the profiler): cumulative, then own time"
                     )
                     print("\n".join(line for line in out.getvalue().splitlines() if line.strip()))
-                gen, send = run["metadata"][GENERATE_OP], run["metadata"][SEND_OP]
+                gen = run["metadata"][f"{SUMMARY_OP}.generated"]
+                send = run["metadata"][f"{SUMMARY_OP}.sent"]
+                batch_times = [v for k, v in run["steps"].items() if k.startswith(BATCH_OP)]
                 if label == "first run":
                     first_run_rows = int(gen["rows_created"])
                 per_1000 = run["statements"]["total"] / max(1, args.users) * 1000
                 print(f"\n== {label}: digest_hourly_job partition {args.partition}")
                 print(
-                    f"   wall time: generate {run['steps'][GENERATE_OP]:.2f} s, send {run['steps'][SEND_OP]:.2f} s, "
+                    f"   wall time: {len(batch_times)} batch step(s) (generate + send) {sum(batch_times):.2f} s, "
                     f"job total {run['total']:.2f} s"
                 )
                 print(

@@ -28,6 +28,18 @@ class SettingsError(ValueError):
     """A setting is missing or invalid; the message names the environment variable."""
 
 
+DIGEST_EXECUTORS = ("in_process", "multiprocess", "k8s")
+
+
+def digest_executor_kind(env: Mapping[str, str]) -> str:
+    """``DIGEST_EXECUTOR``: ``in_process``, ``multiprocess`` (default) or ``k8s``, the executor of the
+    hourly digest job's batch steps."""
+    value = (env.get("DIGEST_EXECUTOR") or "").strip() or "multiprocess"
+    if value not in DIGEST_EXECUTORS:
+        raise SettingsError(f"DIGEST_EXECUTOR must be one of {', '.join(DIGEST_EXECUTORS)}, not {value!r}")
+    return value
+
+
 def _bool(env: Mapping[str, str], name: str, default: bool = False) -> bool:
     raw = env.get(name)
     if raw is None:
@@ -147,6 +159,10 @@ class Settings:
     email_circuit_breaker_failures: int = 5
     email_batch_size: int = 100  # digests per Resend batch request (Resend allows at most 100)
     digest_lock_timeout_seconds: float = 5.0
+    # The hourly job's fan-out (docs/deployment.md "Executor"): users per batch step, and the executor
+    # (``in_process`` / ``multiprocess`` / ``k8s``; read when the definitions load).
+    digest_users_per_step: int = 10_000
+    digest_executor: str = "multiprocess"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -200,6 +216,8 @@ class Settings:
             ),
             email_batch_size=_batch_size(env, "EMAIL_BATCH_SIZE", 100),
             digest_lock_timeout_seconds=_positive(env, "DIGEST_LOCK_TIMEOUT_SECONDS", 5.0),
+            digest_users_per_step=int(_number(env, "DIGEST_USERS_PER_STEP", 10_000, minimum=1, integer=True)),
+            digest_executor=digest_executor_kind(env),
         )
 
     def now(self) -> datetime:

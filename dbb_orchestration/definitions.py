@@ -23,6 +23,7 @@ def build_resources(overrides: Mapping[str, str] | None = None) -> dict[str, Any
         "database": DatabaseResource(settings=settings),
         "email": EmailResource(settings=settings),
         "notion": NotionResource(settings=settings),
+        **digests_defs.io_managers(),
     }
 
 

@@ -76,10 +76,14 @@ class DayLog:
     not_sent: Counter[str] = field(default_factory=Counter)  # sending: users not due / skipped, why
 
 
-def _output_metadata(result: dg.ExecuteInProcessResult, step_key: str) -> dict[str, Any]:
+def _output_metadata(
+    result: dg.ExecuteInProcessResult, step_key: str, output: str = "result"
+) -> dict[str, Any]:
     for event in result.all_events:
         if event.event_type_value == "STEP_OUTPUT" and event.step_key == step_key:
             data: Any = event.event_specific_data
+            if data.output_name != output:
+                continue
             return {k: v.value for k, v in (data.metadata or {}).items()}
     return {}
 
@@ -116,8 +120,8 @@ class Simulation:
         result = self.run(
             self.defs_at(when), "digest_hourly_job", partition_key=when.strftime("%Y-%m-%d-%H:%M")
         )
-        gen = _output_metadata(result, "generate_digests")
-        send = _output_metadata(result, "send_digests")
+        gen = _output_metadata(result, "summarize_digest_batches", "generated")
+        send = _output_metadata(result, "summarize_digest_batches", "sent")
         counts = self.log.hours[hour]
         counts["created"] += int(gen.get("rows_created", 0) or 0)
         counts["due"] += int(send.get("due", 0) or 0)

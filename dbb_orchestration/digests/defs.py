@@ -2,35 +2,52 @@
 
 - ``digest_hourly_job``: hourly partitions in UTC (``2026-02-08-08:00`` is the run for 08:00 UTC and
   uses that instant as its logical time for every rule, so a backfilled hour behaves like the hour it
-  stands for); op ``generate_digests`` then op ``send_digests`` (pool ``email_provider``). Tag
+  stands for). Op ``plan_digest_batches`` splits the users into keyset ranges by id
+  (``DIGEST_USERS_PER_STEP`` each, see ``batches.py``); op ``digest_batch[<range>]`` (pool
+  ``email_provider``), one step per range, generates then sends for its users; op
+  ``summarize_digest_batches`` adds up the steps' counts (outputs ``generated`` and ``sent``). The
+  executor comes from ``DIGEST_EXECUTOR`` (``multiprocess`` by default, whose run config also allows
+  ``in_process`` and sets ``max_concurrent``; ``k8s`` runs each batch step in its own pod). Tag
   ``dbb/job=digest_hourly`` (``dagster.yaml`` allows one such run at a time).
 - ``digest_hourly_schedule``: minute 0 of every hour, for the hour that starts then.
 - ``first_digest_sensor`` (every 30 s) → ``digest_send_for_user_job`` (config ``user_id``, ``reason``;
   tag ``dbb/job=digest_send_for_user``): a user's first digest goes out right after their first sync.
 
-Both ops first check the catch-up window: a partition whose hour ended more than
+Every batch step first checks the catch-up window: a partition whose hour ended more than
 ``DIGEST_CATCH_UP_HOURS`` before the location's clock creates and sends nothing (metadata
-``outside_catch_up_window``). ``generate_digests`` also checks that emails can be sent (``RESEND_API_KEY``
-set, or dry run) before it writes anything, so a missing key fails the run with no rows written; the
-first-digest sensor skips with the same message.
+``outside_catch_up_window``; the plan then makes a single step). ``plan_digest_batches`` checks that
+emails can be sent (``RESEND_API_KEY`` set, or dry run) before anything is written, so a missing key
+fails the run with no rows written; the first-digest sensor skips with the same message.
 
-Both ops are safe to retry, hence their ``RetryPolicy``: generation creates nothing for a user who
-already has a digest on the day, and sending claims digests with row locks, sends with the idempotency
-key ``note-digest-<id>`` and records only digests still pending (see ``send.py``).
+Batch steps are safe to retry on their own, hence their ``RetryPolicy`` (and re-execution from failure
+reruns only the failed ones): generation creates nothing for a user who already has a digest on the day,
+and sending claims users, sends with the idempotency key ``note-digest-<id>`` and records only digests
+still pending (see ``send.py``). Parallel steps share the ``email_provider`` pool and the team-wide
+Postgres pacer of ``EmailResource``, so the provider's rate limit holds across processes and pods.
 
 Logs and metadata carry ids and counts only: never note text, email addresses or keys.
 """
 
 # No ``from __future__ import annotations``: Dagster reads the Config/resource annotations at runtime.
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 import dagster as dg
 from pydantic import Field
 
 from dbb_orchestration.automation import automation_skip_reason, switchable
 from dbb_orchestration.config import SettingsError
+from dbb_orchestration.digests.batches import (
+    EventLogIOManager,
+    RangeKeyIOManager,
+    UserRange,
+    add_counts,
+    executor_kind,
+    range_key,
+    user_ranges,
+)
 from dbb_orchestration.digests.generate import generate_digests, outside_catch_up_window
 from dbb_orchestration.digests.queries import find_first_digest_users
 from dbb_orchestration.digests.send import SendReport, send_due_digests
@@ -40,9 +57,10 @@ __all__ = [
     "DIGEST_PARTITIONS",
     "FIRST_DIGEST_REASON",
     "FIRST_DIGEST_SENSOR_LIMIT",
-    "GENERATE_OP",
+    "BATCH_OP",
+    "PLAN_OP",
     "SEND_FOR_USER_OP",
-    "SEND_OP",
+    "SUMMARY_OP",
     "DigestSendForUserConfig",
     "definitions",
     "digest_hourly_job",
@@ -53,8 +71,11 @@ __all__ = [
     "partition_start",
 ]
 
-GENERATE_OP = "generate_digests"
-SEND_OP = "send_digests"
+PLAN_OP = "plan_digest_batches"
+BATCH_OP = "digest_batch"
+SUMMARY_OP = "summarize_digest_batches"
+RANGE_IO_MANAGER = "digest_user_range_io"
+COUNTS_IO_MANAGER = "digest_batch_counts_io"
 SEND_FOR_USER_OP = "send_digest_for_user"
 FIRST_DIGEST_REASON = "seed_digest_ready"
 FIRST_DIGEST_SENSOR_LIMIT = 200
@@ -88,68 +109,119 @@ def _check_send(report: SendReport) -> None:
         )
 
 
+def io_managers() -> dict[str, dg.ConfigurableIOManager]:
+    """The hourly job's IO managers (``definitions.build_resources`` adds them to every location)."""
+    return {RANGE_IO_MANAGER: RangeKeyIOManager(), COUNTS_IO_MANAGER: EventLogIOManager()}
+
+
+def _executor() -> dg.ExecutorDefinition:
+    """The hourly job's executor, from ``DIGEST_EXECUTOR`` (see ``batches.executor_kind``)."""
+    kind = executor_kind()
+    if kind == "in_process":
+        return dg.in_process_executor
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor  # the deployment image installs the k8s extra
+
+        return cast(dg.ExecutorDefinition, k8s_job_executor)
+    return dg.multi_or_in_process_executor
+
+
 @dg.op(
-    name=GENERATE_OP,
-    retry_policy=_RETRY,
-    description="Creates the digests needed at the partition's hour: for users due then, and one a day "
-    "for users never sent a digest (idempotent per user and local day).",
+    name=PLAN_OP,
+    out=dg.DynamicOut(tuple, io_manager_key=RANGE_IO_MANAGER),
+    description="Checks that emails can be sent, then splits the users into keyset ranges by id "
+    "(DIGEST_USERS_PER_STEP each): one batch step per range.",
 )
-def generate_digests_op(
+def plan_digest_batches(
     context: dg.OpExecutionContext,
     settings: SettingsResource,
     database: DatabaseResource,
     email: EmailResource,
-) -> dg.Output[int]:
+) -> Iterator[dg.DynamicOutput[tuple[str | None, str | None]]]:
     s = settings.get()
     email.sender_for_op(dry_run=s.digest_email_dry_run)  # a missing RESEND_API_KEY fails before any row
     now = partition_start(context)
-    report = generate_digests(database.engine, now, s, clock=s.now)
-    context.log.info(f"digest generation for {now.isoformat()}: {report.summary()}")
-    return dg.Output(report.rows_created, metadata=report.metadata())
+    if outside_catch_up_window(now, s.now(), s.digest_catch_up_hours):
+        ranges: list[UserRange] = [(None, None)]  # one step, which reports the window and does nothing
+    else:
+        with database.engine.connect() as conn:
+            ranges = user_ranges(conn, s.digest_users_per_step)
+    context.log.info(f"digests for {now.isoformat()}: {len(ranges)} batch step(s)")
+    for index, user_range in enumerate(ranges):
+        yield dg.DynamicOutput(user_range, mapping_key=range_key(index, user_range))
 
 
 @dg.op(
-    name=SEND_OP,
-    ins={"generated": dg.In(dg.Nothing)},
+    name=BATCH_OP,
+    ins={"user_range": dg.In(tuple, input_manager_key=RANGE_IO_MANAGER)},
+    out={
+        "generated": dg.Out(dict, io_manager_key=COUNTS_IO_MANAGER),
+        "sent": dg.Out(dict, io_manager_key=COUNTS_IO_MANAGER),
+    },
     pool="email_provider",
-    retry_policy=_RETRY,
-    description="Sends the newest pending digest of every user due at the partition's hour, exactly once.",
+    description="For one range of users: creates the digests needed at the partition's hour, then sends "
+    "the newest pending digest of every user due then, exactly once.",
 )
-def send_digests_op(
+def digest_batch(
     context: dg.OpExecutionContext,
+    user_range: tuple[str | None, str | None],
     settings: SettingsResource,
     database: DatabaseResource,
     email: EmailResource,
-) -> dg.Output[int]:
+) -> Iterator[dg.Output[dict[str, Any]]]:
     s = settings.get()
-    sender = email.sender_for_op(dry_run=s.digest_email_dry_run)  # a missing RESEND_API_KEY fails here
+    sender = email.sender_for_op(dry_run=s.digest_email_dry_run)
     now = partition_start(context)
-    if outside_catch_up_window(now, s.now(), s.digest_catch_up_hours):
+    bounds = (user_range[0], user_range[1])
+    generated = generate_digests(database.engine, now, s, clock=s.now, user_range=bounds)
+    context.log.info(f"digest generation for {now.isoformat()}: {generated.summary()}")
+    if generated.outside_catch_up_window:
         context.log.info(f"digest sending for {now.isoformat()}: outside_catch_up_window: nothing sent")
-        return dg.Output(
-            0,
-            metadata={
-                "logical_time": now.isoformat(),
-                "outside_catch_up_window": True,
-                "catch_up_hours": s.digest_catch_up_hours,
-                "sent": 0,
-            },
-        )
-    report = send_due_digests(database.engine, sender, s, now, clock=s.now)
-    context.log.info(f"digest sending for {now.isoformat()}: {_summary(report)}")
-    _check_send(report)
-    return dg.Output(report.sent, metadata={"outside_catch_up_window": False, **report.metadata()})
+        sent: dict[str, Any] = {
+            "logical_time": now.isoformat(),
+            "outside_catch_up_window": True,
+            "catch_up_hours": s.digest_catch_up_hours,
+            "sent": 0,
+        }
+    else:
+        report = send_due_digests(database.engine, sender, s, now, clock=s.now, user_range=bounds)
+        context.log.info(f"digest sending for {now.isoformat()}: {_summary(report)}")
+        _check_send(report)
+        sent = {"outside_catch_up_window": False, **report.metadata()}
+    yield dg.Output(generated.metadata(), "generated", metadata=generated.metadata())
+    yield dg.Output(sent, "sent", metadata=sent)
+
+
+@dg.op(
+    name=SUMMARY_OP,
+    out={"generated": dg.Out(int), "sent": dg.Out(int)},
+    description="Adds up the batch steps' counts: digest rows created and digests sent in the run.",
+)
+def summarize_digest_batches(
+    context: dg.OpExecutionContext, generated: list[dict[str, Any]], sent: list[dict[str, Any]]
+) -> Iterator[dg.Output[int]]:
+    gen_total = {**add_counts(generated), "batch_steps": len(generated)}
+    send_total = {**add_counts(sent), "batch_steps": len(sent)}
+    context.log.info(
+        f"digests: {len(generated)} batch step(s), rows_created={gen_total.get('rows_created', 0)} "
+        f"sent={send_total.get('sent', 0)}"
+    )
+    yield dg.Output(int(gen_total.get("rows_created", 0)), "generated", metadata=gen_total)
+    yield dg.Output(int(send_total.get("sent", 0)), "sent", metadata=send_total)
 
 
 @dg.job(
     name="digest_hourly_job",
     partitions_def=DIGEST_PARTITIONS,
     tags={"dbb/job": "digest_hourly"},
-    executor_def=dg.in_process_executor,
-    description="Hourly: generate the day's digests, then send the ones due in each user's send hour.",
+    executor_def=_executor(),
+    op_retry_policy=_RETRY,  # every step is safe to retry on its own
+    description="Hourly: users split into ranges by id, each range a step that generates the day's "
+    "digests and sends the ones due in each user's send hour; a last step adds up the counts.",
 )
 def digest_hourly_job() -> None:
-    send_digests_op(generated=generate_digests_op())
+    generated, sent = plan_digest_batches().map(digest_batch)
+    summarize_digest_batches(generated=generated.collect(), sent=sent.collect())
 
 
 digest_hourly_schedule = cast(

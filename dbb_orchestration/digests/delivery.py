@@ -312,12 +312,13 @@ def deliver_due_digests(
     clock: Callable[[], datetime] | None = None,
     only_user_id: str | None = None,
     first_digest_bypass: bool = False,
+    user_range: tuple[str | None, str | None] = (None, None),
 ) -> SendReport:
     """See :func:`dbb_orchestration.digests.send.send_due_digests` and the module docstring."""
     now = as_utc(now, "now")
     real_clock = clock or settings.now
     report = SendReport(logical_time=now, dry_run=sender.provider == "dry-run")
-    after: str | None = None
+    after, upto = user_range
     claims = _Claims(engine)
     try:
         with ThreadPoolExecutor(max_workers=max(1, settings.email_max_concurrency)) as pool:
@@ -326,6 +327,7 @@ def deliver_due_digests(
                     users = load_user_batch(
                         conn,
                         after=after,
+                        upto=upto,
                         limit=settings.digest_batch_size,
                         verified_only=True,
                         only_user_id=only_user_id,

@@ -280,13 +280,15 @@ def generate_digests(
     settings: Settings,
     *,
     clock: Callable[[], datetime] | None = None,
+    user_range: tuple[str | None, str | None] = (None, None),
 ) -> GenerateReport:
     """Create the digests needed at the logical time ``now`` (the partition's hour for the hourly job):
     see the module docstring. ``clock`` (default ``settings.now``) is the location's clock: read once at
     the start for the catch-up rules, and per batch for ``created_at``/``updated_at``. One user's bad
     data (an invalid timezone falls back to UTC; anything unexpected in one user's selection) is
     counted in ``data_issues`` and never stops the others. A database error aborts the run; batches
-    already committed stay (a rerun continues)."""
+    already committed stay (a rerun continues). ``user_range`` ``(after, upto)`` limits the run to users
+    with ``after < id <= upto`` (``None`` = unbounded): one batch step of the hourly job."""
     now = as_utc(now, "now")
     real_clock = clock or settings.now
     wall = as_utc(real_clock(), "clock()")
@@ -294,11 +296,11 @@ def generate_digests(
     if outside_catch_up_window(now, wall, settings.digest_catch_up_hours):
         report.outside_catch_up_window = True
         return report
-    after: str | None = None
+    after, upto = user_range
     while True:
         with engine.begin() as conn:
             advisory_xact_lock(conn)
-            users = load_user_batch(conn, after=after, limit=settings.digest_batch_size)
+            users = load_user_batch(conn, after=after, upto=upto, limit=settings.digest_batch_size)
             if not users:
                 break
             after = users[-1].id

@@ -96,10 +96,12 @@ def load_user_batch(
     limit: int,
     verified_only: bool = False,
     only_user_id: str | None = None,
+    upto: str | None = None,
 ) -> list[UserRow]:
     """The next ``limit`` users with ``id > after`` (keyset pagination, ``None`` = from the start) ordered
     by id, joined with their settings and Pro flag: one statement. ``verified_only`` keeps users with a
-    non-blank email and ``email_verified``; ``only_user_id`` restricts to that one user."""
+    non-blank email and ``email_verified``; ``only_user_id`` restricts to that one user; ``upto`` stops
+    at ids ``<= upto`` (the end of a batch step's range, ``None`` = no end)."""
     u, s = t.user, t.user_settings
     pro = has_pro_subscription_sql(u.c.id)
     stmt = (
@@ -121,6 +123,8 @@ def load_user_batch(
     )
     if after is not None:
         stmt = stmt.where(u.c.id > after)
+    if upto is not None:
+        stmt = stmt.where(u.c.id <= upto)
     if only_user_id is not None:
         stmt = stmt.where(u.c.id == only_user_id)
     if verified_only:

@@ -304,6 +304,7 @@ def send_due_digests(
     clock: Callable[[], datetime] | None = None,
     only_user_id: str | None = None,
     first_digest_bypass: bool = False,
+    user_range: tuple[str | None, str | None] = (None, None),
 ) -> SendReport:
     """Send every due user's newest pending digest (behaviour §6) as of the logical time ``now`` (the
     partition's hour for the hourly job). ``sent_at``, ``updated_at`` and the review scheduling of the
@@ -311,7 +312,9 @@ def send_due_digests(
     accepted the email; ``now`` decides who is due and which digests are pending.
 
     ``only_user_id`` restricts the run to one user; ``first_digest_bypass`` makes a user who has never
-    been sent a digest due whatever the hour (the first-digest job passes both). Which sender (Resend,
+    been sent a digest due whatever the hour (the first-digest job passes both); ``user_range``
+    ``(after, upto)`` limits the run to users with ``after < id <= upto`` (``None`` = unbounded: one
+    batch step of the hourly job). Which sender (Resend,
     dry run) is the caller's choice. The engine — claims, batches, bounded time, recording — is
     :mod:`dbb_orchestration.digests.delivery`; it raises
     :class:`~dbb_orchestration.digests.delivery.ProviderUnavailableError` (after recording every claimed
@@ -327,4 +330,5 @@ def send_due_digests(
         clock=clock,
         only_user_id=only_user_id,
         first_digest_bypass=first_digest_bypass,
+        user_range=user_range,
     )

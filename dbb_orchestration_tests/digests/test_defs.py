@@ -15,11 +15,12 @@ from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import shared_engine
 from dbb_orchestration.definitions import build_resources, make_definitions
 from dbb_orchestration.digests.defs import (
+    BATCH_OP,
     DIGEST_PARTITIONS,
     FIRST_DIGEST_SENSOR_LIMIT,
-    GENERATE_OP,
+    PLAN_OP,
     SEND_FOR_USER_OP,
-    SEND_OP,
+    SUMMARY_OP,
     _check_send,
     digest_hourly_job,
     digest_hourly_schedule,
@@ -74,6 +75,10 @@ def query(url: str, stmt: Any) -> list[Any]:
     return rows
 
 
+GENERATED = (SUMMARY_OP, "generated")
+SENT = (SUMMARY_OP, "sent")
+
+
 def user_with_notes(conn: sa.Connection, uid: str, *, hour: int = 8, verified: bool = True) -> list[int]:
     f.user(conn, uid, email_verified=verified)
     f.settings(conn, uid, preferred_send_hour=hour)
@@ -84,15 +89,16 @@ def user_with_notes(conn: sa.Connection, uid: str, *, hour: int = 8, verified: b
 def test_wiring_tags_pools_retries_and_partitions() -> None:
     assert digest_hourly_job.tags["dbb/job"] == "digest_hourly"
     assert digest_send_for_user_job.tags["dbb/job"] == "digest_send_for_user"
-    send = cast(dg.OpDefinition, digest_hourly_job.graph.node_named(SEND_OP).definition)
-    generate = cast(dg.OpDefinition, digest_hourly_job.graph.node_named(GENERATE_OP).definition)
+    batch = cast(dg.OpDefinition, digest_hourly_job.graph.node_named(BATCH_OP).definition)
+    plan = cast(dg.OpDefinition, digest_hourly_job.graph.node_named(PLAN_OP).definition)
     for_user = cast(dg.OpDefinition, digest_send_for_user_job.graph.node_named(SEND_FOR_USER_OP).definition)
-    assert send.pool == "email_provider" and for_user.pool == "email_provider"
-    assert generate.pool is None
-    assert send.retry_policy is not None and generate.retry_policy is not None
-    # send depends on generate
+    assert batch.pool == "email_provider" and for_user.pool == "email_provider"
+    assert plan.pool is None
+    assert digest_hourly_job.op_retry_policy is not None and batch.retry_policy is None  # job-wide policy
+    # the batch steps map the plan's ranges; the summary collects both of their outputs
     deps = digest_hourly_job.graph.dependency_structure
-    assert [h.node_name for h in deps.all_upstream_outputs_from_node(SEND_OP)] == [GENERATE_OP]
+    assert [h.node_name for h in deps.all_upstream_outputs_from_node(BATCH_OP)] == [PLAN_OP]
+    assert {h.node_name for h in deps.all_upstream_outputs_from_node(SUMMARY_OP)} == {BATCH_OP}
     assert isinstance(DIGEST_PARTITIONS, dg.HourlyPartitionsDefinition)
     assert DIGEST_PARTITIONS.timezone == "UTC"
     window = DIGEST_PARTITIONS.time_window_for_partition_key("2026-02-08-08:00")
@@ -119,18 +125,18 @@ def test_a_backfilled_partition_behaves_like_its_hour(
         resources=build_resources(env(app_url, fake_resend)),
     )
     assert result.success
-    assert result.output_for_node(GENERATE_OP) == 2  # rows created: at8 is due, at9 never sent
+    assert result.output_for_node(SUMMARY_OP, "generated") == 2  # rows created: at8 is due, at9 never sent
     materials = {
-        e.step_key: e.step_output_data.metadata
+        (e.step_key, e.step_output_data.output_name): e.step_output_data.metadata
         for e in result.all_events
         if e.event_type_value == "STEP_OUTPUT" and e.step_output_data is not None
     }
-    assert materials[GENERATE_OP]["users_considered"].value == 2
-    assert materials[GENERATE_OP]["created_for"].value == {"due": 1, "never_sent": 1}
-    assert materials[SEND_OP]["outside_catch_up_window"].value is False
-    assert materials[SEND_OP]["due"].value == 1
-    assert materials[SEND_OP]["sent"].value == 1
-    assert materials[SEND_OP]["not_due_by_reason"].value == {"not_send_hour": 1}
+    assert materials[GENERATED]["users_considered"].value == 2
+    assert materials[GENERATED]["created_for"].value == {"due": 1, "never_sent": 1}
+    assert materials[SENT]["outside_catch_up_window"].value is False
+    assert materials[SENT]["due"].value == 1
+    assert materials[SENT]["sent"].value == 1
+    assert materials[SENT]["not_due_by_reason"].value == {"not_send_hour": 1}
     assert [d.to for d in fake_resend.sent] == [["at8@example.test"]]
     d = t.note_digests
     rows = query(
@@ -150,7 +156,7 @@ def test_a_backfilled_partition_behaves_like_its_hour(
         instance=instance,
         resources=build_resources(env(app_url, fake_resend)),
     )
-    assert again.success and again.output_for_node(SEND_OP) == 1
+    assert again.success and again.output_for_node(SUMMARY_OP, "sent") == 1
     assert sorted(d.to[0] for d in fake_resend.sent) == ["at8@example.test", "at9@example.test"]
 
 
@@ -178,7 +184,7 @@ def test_missing_resend_key_fails_the_first_op_before_any_row(
     )
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    assert failure.step_key == GENERATE_OP
+    assert failure.step_key == PLAN_OP
     assert "RESEND_API_KEY" in str(failure.step_failure_data.error)
     assert query(app_url, sa.select(t.note_digests.c.id)) == []
     assert query(app_url, sa.select(t.note_digest_items.c.id)) == []

@@ -15,7 +15,7 @@ from dbb_orchestration.config import Settings, SettingsError
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import shared_engine
 from dbb_orchestration.definitions import build_resources
-from dbb_orchestration.digests.defs import GENERATE_OP, SEND_OP, digest_hourly_job
+from dbb_orchestration.digests.defs import SUMMARY_OP, digest_hourly_job
 from dbb_orchestration.digests.generate import (
     GenerateReport,
     UserPlan,
@@ -418,23 +418,23 @@ def test_the_job_outside_the_window_creates_and_sends_nothing(
     )
     assert result.success
     meta = {
-        e.step_key: {k: v.value for k, v in e.step_output_data.metadata.items()}
+        e.step_output_data.output_name: {k: v.value for k, v in e.step_output_data.metadata.items()}
         for e in result.all_events
-        if e.event_type_value == "STEP_OUTPUT" and e.step_output_data is not None
+        if e.event_type_value == "STEP_OUTPUT" and e.step_output_data is not None and e.step_key == SUMMARY_OP
     }
-    assert meta[GENERATE_OP]["outside_catch_up_window"] is True
-    assert meta[SEND_OP]["outside_catch_up_window"] is True and meta[SEND_OP]["sent"] == 0
+    assert meta["generated"]["outside_catch_up_window"] is True
+    assert meta["sent"]["outside_catch_up_window"] is True and meta["sent"]["sent"] == 0
     assert len(rows(engine)) == 1 and fake_resend.sent == []
     # within the window (DIGEST_CATCH_UP_HOURS=72) the same hour is a stale catch-up: still nothing sent
     wide = build_resources({**env, "DIGEST_CATCH_UP_HOURS": "72"})
     result = digest_hourly_job.execute_in_process(
         partition_key="2026-02-13-08:00", instance=instance, resources=wide
     )
-    assert result.success and result.output_for_node(GENERATE_OP) == 0 and fake_resend.sent == []
+    assert result.success and result.output_for_node(SUMMARY_OP, "generated") == 0 and fake_resend.sent == []
     result = digest_hourly_job.execute_in_process(
         partition_key="2026-02-15-08:00", instance=instance, resources=wide
     )
-    assert result.success and result.output_for_node(SEND_OP) == 1
+    assert result.success and result.output_for_node(SUMMARY_OP, "sent") == 1
     engine.dispose()
 
 

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VALUES = yaml.safe_load((ROOT / "deploy" / "values.yaml").read_text())
 SECRET = yaml.safe_load((ROOT / "deploy" / "secret.example.yaml").read_text())
 INSTANCE = yaml.safe_load((ROOT / "deploy" / "dagster.yaml").read_text())
+K8S_RUN_CONFIG = yaml.safe_load((ROOT / "deploy" / "digest_hourly_k8s.yaml").read_text())
 
 
 class RecordingEnv(Mapping[str, str]):
@@ -84,6 +85,49 @@ def test_user_deployment_points_at_the_definitions_module_and_secret() -> None:
     assert {"name": secret} in deployment["envSecrets"]
     assert {"name": secret} in VALUES["runLauncher"]["config"]["k8sRunLauncher"]["envSecrets"]
     assert VALUES["runLauncher"]["type"] == "K8sRunLauncher"
+
+
+def test_k8s_executor_is_named_and_its_run_config_fits_the_job() -> None:
+    """The user deployment selects the K8s job executor for the hourly digest job; loaded that way (in a
+    fresh interpreter: the executor is chosen when the definitions load) the job's executor is
+    dagster-k8s's, and deploy/digest_hourly_k8s.yaml validates against the job's run config schema."""
+    [deployment] = VALUES["dagster-user-deployments"]["deployments"]
+    env = {e["name"]: e["value"] for e in deployment["env"]}
+    assert env["DIGEST_EXECUTOR"] == "k8s"
+    assert int(env["DIGEST_USERS_PER_STEP"]) >= 1
+    requests = VALUES["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]["containerConfig"][
+        "resources"
+    ]
+    assert {"cpu", "memory"} <= set(requests["requests"])  # inherited by the batch step pods
+    step = K8S_RUN_CONFIG["execution"]["config"]["per_step_k8s_config"]["digest_batch"]
+    assert {"cpu", "memory"} <= set(step["container_config"]["resources"]["requests"])
+    script = (
+        "import json, sys, dagster as dg\n"
+        "from dbb_orchestration.definitions import make_definitions\n"
+        "job = make_definitions().resolve_job_def('digest_hourly_job')\n"
+        "config = json.loads(sys.argv[1])\n"
+        "result = dg.validate_run_config(job, config)\n"
+        "print(json.dumps({'executor': job.executor_def.name, 'ok': bool(result)}))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(K8S_RUN_CONFIG)],
+        env={**os.environ, **env, "DATABASE_URL": "sqlite:///unused.sqlite"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"executor": "k8s", "ok": True}
+    # a misspelt field is rejected, so the check above is a real validation
+    bad = {"execution": {"config": {"max_concurrnt": 4}}}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(bad)],
+        env={**os.environ, **env, "DATABASE_URL": "sqlite:///unused.sqlite"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "max_concurrnt" in proc.stderr
 
 
 def test_helm_and_dagster_yaml_agree_on_run_limits() -> None:
