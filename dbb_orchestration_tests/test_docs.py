@@ -70,8 +70,8 @@ def _emitted_keys() -> dict[str, set[str]]:
     # the per-reason keys are documented by their pattern
     connection_keys |= {"accepted_<x>", "rejected_<reason>", "skipped_<reason>"}
     return {
-        "generate_digests": set(GenerateReport(logical_time=NOW).metadata()),
-        "send_digests": send,
+        "digest_batch": set(GenerateReport(logical_time=NOW).metadata()) | send,
+        "summarize_digest_batches": set(GenerateReport(logical_time=NOW).metadata()) | send | {"batch_steps"},
         "send_digest_for_user": send,
         "email_sequence_step": set(step.metadata()),
         "notion_sync_connection": connection_keys,

@@ -4,7 +4,7 @@
   uses that instant as its logical time for every rule, so a backfilled hour behaves like the hour it
   stands for). Op ``plan_digest_batches`` splits the users into keyset ranges by id
   (``DIGEST_USERS_PER_STEP`` each, see ``batches.py``); op ``digest_batch[<range>]`` (pool
-  ``email_provider``), one step per range, generates then sends for its users; op
+  ``digest_hourly``), one step per range, generates then sends for its users; op
   ``summarize_digest_batches`` adds up the steps' counts (outputs ``generated`` and ``sent``). The
   executor comes from ``DIGEST_EXECUTOR`` (``multiprocess`` by default, whose run config also allows
   ``in_process`` and sets ``max_concurrent``; ``k8s`` runs each batch step in its own pod). Tag
@@ -22,8 +22,9 @@ fails the run with no rows written; the first-digest sensor skips with the same 
 Batch steps are safe to retry on their own, hence their ``RetryPolicy`` (and re-execution from failure
 reruns only the failed ones): generation creates nothing for a user who already has a digest on the day,
 and sending claims users, sends with the idempotency key ``note-digest-<id>`` and records only digests
-still pending (see ``send.py``). Parallel steps share the ``email_provider`` pool and the team-wide
-Postgres pacer of ``EmailResource``, so the provider's rate limit holds across processes and pods.
+still pending (see ``send.py``). Parallel steps share the ``digest_hourly`` pool (first-digest sends have their own,
+``email_provider``, so they never queue behind an hourly run's batches) and the team-wide Postgres pacer
+of ``EmailResource``, so the provider's rate limit holds across processes and pods.
 
 Logs and metadata carry ids and counts only: never note text, email addresses or keys.
 """
@@ -78,6 +79,10 @@ RANGE_IO_MANAGER = "digest_user_range_io"
 COUNTS_IO_MANAGER = "digest_batch_counts_io"
 SEND_FOR_USER_OP = "send_digest_for_user"
 FIRST_DIGEST_REASON = "seed_digest_ready"
+# Provider lanes (Dagster pools): the hourly batch steps and first-digest sends never queue behind each
+# other (nor behind sequence steps, pool "sequence_email"); the team-wide pacer shares the rate.
+HOURLY_POOL = "digest_hourly"
+FIRST_DIGEST_POOL = "email_provider"
 FIRST_DIGEST_SENSOR_LIMIT = 200
 
 # end_offset=1: the hour in progress is a partition too, so the schedule's 08:00 tick runs 08:00.
@@ -158,7 +163,7 @@ def plan_digest_batches(
         "generated": dg.Out(dict, io_manager_key=COUNTS_IO_MANAGER),
         "sent": dg.Out(dict, io_manager_key=COUNTS_IO_MANAGER),
     },
-    pool="email_provider",
+    pool=HOURLY_POOL,
     description="For one range of users: creates the digests needed at the partition's hour, then sends "
     "the newest pending digest of every user due then, exactly once.",
 )
@@ -244,7 +249,7 @@ class DigestSendForUserConfig(dg.Config):
 
 @dg.op(
     name=SEND_FOR_USER_OP,
-    pool="email_provider",
+    pool=FIRST_DIGEST_POOL,
     retry_policy=_RETRY,
     description="behaviour §6 for one user, the send hour bypassed when they have never been sent a digest.",
 )

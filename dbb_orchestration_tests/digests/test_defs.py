@@ -92,7 +92,8 @@ def test_wiring_tags_pools_retries_and_partitions() -> None:
     batch = cast(dg.OpDefinition, digest_hourly_job.graph.node_named(BATCH_OP).definition)
     plan = cast(dg.OpDefinition, digest_hourly_job.graph.node_named(PLAN_OP).definition)
     for_user = cast(dg.OpDefinition, digest_send_for_user_job.graph.node_named(SEND_FOR_USER_OP).definition)
-    assert batch.pool == "email_provider" and for_user.pool == "email_provider"
+    # lanes: the hourly batches and first-digest sends never queue behind each other
+    assert batch.pool == "digest_hourly" and for_user.pool == "email_provider"
     assert plan.pool is None
     assert digest_hourly_job.op_retry_policy is not None and batch.retry_policy is None  # job-wide policy
     # the batch steps map the plan's ranges; the summary collects both of their outputs
