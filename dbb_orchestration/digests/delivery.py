@@ -73,6 +73,7 @@ from dbb_orchestration.digests.generate import UserPlan, user_plan
 from dbb_orchestration.digests.queries import (
     PENDING_STATUSES,
     DigestRow,
+    ItemRow,
     UserRow,
     load_active_sources,
     load_digest_statuses,
@@ -184,20 +185,23 @@ def choose_for_delivery(
     """:func:`choose_pending`, except that a digest already handed to the provider (an in-flight
     marker) is resolved first: the newest such digest is the one to send and only older
     ``scheduled`` digests are superseded by it."""
-    in_flight = [
-        d for d in pending if d.scheduled_for is not None and in_flight_marker(d.payload_json, real_now)
-    ]
+    in_flight = [d for d in pending if _is_in_flight(d, real_now)]
     if not in_flight:
         return choose_pending(pending)
     newest, _ = choose_pending(in_flight)
     assert newest is not None
-    order = _order(newest)
-    older = [
-        d
-        for d in pending
-        if d.id != newest.id and d.status == "scheduled" and d.scheduled_for is not None and _order(d) < order
-    ]
-    return newest, sorted(older, key=lambda d: d.id)
+    return newest, sorted((d for d in pending if _superseded_by(d, newest)), key=lambda d: d.id)
+
+
+def _is_in_flight(d: DigestRow, real_now: datetime) -> bool:
+    return d.scheduled_for is not None and in_flight_marker(d.payload_json, real_now) is not None
+
+
+def _superseded_by(d: DigestRow, newest: DigestRow) -> bool:
+    """An older ``scheduled`` digest that the in-flight ``newest`` replaces."""
+    if d.id == newest.id or d.status != "scheduled" or d.scheduled_for is None:
+        return False
+    return _order(d) < _order(newest)
 
 
 def _order(d: DigestRow) -> tuple[datetime, datetime, int]:
@@ -271,6 +275,9 @@ def _is_lock_timeout(exc: BaseException) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ data shapes
+
+_Choice = tuple[DigestRow, list[DigestRow]]  # a user's digest to send and the older ones it supersedes
+_UserRows = tuple[list[dict[str, Any]], list[dict[str, Any]]]  # a user's digest updates, review-state rows
 
 
 @dataclass
@@ -451,7 +458,6 @@ def _prepare(
     """Under the claims: re-check due, lock (skipping held rows) and choose digests, load what the emails
     show, form the batches and write their keys into the digests' payloads."""
     real_now = as_utc(clock(), "clock()")
-    rows = {row.id: row for row in users}
     checks = _due_users(
         conn,
         {uid: plans[uid] for uid in sorted(claimed)},
@@ -463,6 +469,22 @@ def _prepare(
         wall=real_now,
     )
     report.due += len(checks)
+    chosen = _lock_and_choose(conn, checks, now, real_now, report)
+    page = _Page()
+    items = load_items(conn, [newest.id for newest, _ in chosen.values()])
+    ready = _drop_empty_snapshots(chosen, items, page, report)
+    jobs = _send_jobs(conn, users, plans, checks, ready, items)
+    page.older = {uid: older for uid, (_newest, older) in ready.items()}
+    fresh = _plan_replays(conn, jobs, page, real_now, report)
+    _mark_fresh(conn, fresh, page, settings.email_batch_size, real_now)
+    return page
+
+
+def _lock_and_choose(
+    conn: sa.Connection, checks: dict[str, DueCheck], now: datetime, real_now: datetime, report: SendReport
+) -> dict[str, _Choice]:
+    """Pending digests read plainly, then ``FOR UPDATE SKIP LOCKED`` (two statements); per user the
+    digest to send."""
     ids = sorted(checks)
     everything = load_pending_digests(conn, ids, now)
     locked = lock_pending_digests(conn, ids, now, skip_locked=True)
@@ -471,22 +493,33 @@ def _prepare(
     by_user: dict[str, list[DigestRow]] = {}
     for digest in locked:
         by_user.setdefault(digest.user_id, []).append(digest)
-    chosen: dict[str, tuple[DigestRow, list[DigestRow]]] = {}
+    chosen: dict[str, _Choice] = {}
     for uid in ids:
         if uid in held_by_others:
             report.skipped[LOCKED_ELSEWHERE] += 1
             continue
         newest, older = choose_for_delivery(by_user.get(uid, []), real_now)
-        if newest is None:
+        if _nothing_to_send(newest, checks[uid], real_now):
             report.skipped[NO_PENDING] += 1
-        elif checks[uid].reason == IN_FLIGHT and in_flight_marker(newest.payload_json, real_now) is None:
-            report.skipped[NO_PENDING] += 1  # resolved meanwhile: nothing in flight is left for this user
         else:
+            assert newest is not None
             chosen[uid] = (newest, older)
+    return chosen
 
-    page = _Page()
-    items = load_items(conn, [newest.id for newest, _ in chosen.values()])
-    ready: dict[str, tuple[DigestRow, list[DigestRow]]] = {}
+
+def _nothing_to_send(newest: DigestRow | None, check: DueCheck, real_now: datetime) -> bool:
+    """No pending digest, or a user kept only to resolve an in-flight digest that was resolved
+    meanwhile (nothing in flight is left for them)."""
+    if newest is None:
+        return True
+    return check.reason == IN_FLIGHT and in_flight_marker(newest.payload_json, real_now) is None
+
+
+def _drop_empty_snapshots(
+    chosen: dict[str, _Choice], items: dict[int, list[ItemRow]], page: _Page, report: SendReport
+) -> dict[str, _Choice]:
+    """The choices whose digest has items; a digest without any is recorded ``skipped`` (on the page)."""
+    ready: dict[str, _Choice] = {}
     for uid, (newest, older) in chosen.items():
         if items.get(newest.id):
             ready[uid] = (newest, older)
@@ -495,10 +528,23 @@ def _prepare(
         payload = merge_payload(newest.payload_json, reason=EMPTY_SNAPSHOT)
         payload.pop(MARKER, None)
         page.updates.append(_digest_update(newest, "skipped", payload))
+    return ready
+
+
+def _send_jobs(
+    conn: sa.Connection,
+    users: Sequence[UserRow],
+    plans: dict[str, UserPlan],
+    checks: dict[str, DueCheck],
+    ready: dict[str, _Choice],
+    items: dict[int, list[ItemRow]],
+) -> list[SendJob]:
+    """One job per ready user, in digest id order; a first digest also shows its source and note count."""
+    rows = {row.id: row for row in users}
     first_ids = [uid for uid in ready if checks[uid].first]
     sources = load_active_sources(conn, first_ids)
     counts = load_document_counts(conn, first_ids)
-    jobs = [
+    return [
         SendJob(
             user=rows[uid],
             plan=plans[uid],
@@ -510,12 +556,37 @@ def _prepare(
         )
         for uid, (newest, _older) in sorted(ready.items(), key=lambda kv: kv[1][0].id)
     ]
-    page.older = {uid: older for uid, (_newest, older) in ready.items()}
 
-    # digests already handed to the provider: their recorded batch, when it can be replayed here
+
+def _plan_replays(
+    conn: sa.Connection, jobs: list[SendJob], page: _Page, real_now: datetime, report: SendReport
+) -> list[SendJob]:
+    """Digests already handed to the provider go out again in their recorded batch when it can be
+    replayed here (one statement reads the members outside this run); returns the other, fresh jobs."""
+    replays, members, fresh = _split_in_flight(jobs, page, real_now)
+    present = {job.digest.id for job in jobs}
+    outside = sorted({i for ids_ in members.values() for i in ids_} - present)
+    statuses = load_digest_statuses(conn, outside)
+    for key, group in replays.items():
+        if any(_pending_under(statuses.get(i), key, real_now) for i in members[key]):
+            # another member is still pending under this key outside this run: leave the group
+            report.skipped[BATCH_ELSEWHERE] += len(group)
+            for _index, job in group:
+                page.older.pop(job.user.id, None)
+                page.markers.pop(job.digest.id, None)
+            continue
+        page.batches.append(_Batch(key, [job for _index, job in sorted(group, key=lambda g: g[0])], True))
+    return fresh
+
+
+def _split_in_flight(
+    jobs: list[SendJob], page: _Page, real_now: datetime
+) -> tuple[dict[str, list[tuple[int, SendJob]]], dict[str, list[int]], list[SendJob]]:
+    """The in-flight jobs grouped by batch key (with their recorded index; their markers noted on the
+    page), each key's recorded member ids, and the fresh jobs."""
     replays: dict[str, list[tuple[int, SendJob]]] = {}
-    fresh: list[SendJob] = []
     members: dict[str, list[int]] = {}
+    fresh: list[SendJob] = []
     for job in jobs:
         marker = in_flight_marker(job.digest.payload_json, real_now)
         if marker is None:
@@ -525,29 +596,24 @@ def _prepare(
         replays.setdefault(key, []).append((int(marker.get("batch_index") or 0), job))
         members[key] = [int(i) for i in marker.get("batch_ids") or [] if isinstance(i, int)]
         page.markers[job.digest.id] = marker
-    present = {job.digest.id for job in jobs}
-    outside = sorted({i for ids_ in members.values() for i in ids_} - present)
-    statuses = load_digest_statuses(conn, outside)
-    for key, group in replays.items():
-        waiting = [
-            i
-            for i in members[key]
-            if i in statuses
-            and statuses[i][0] in PENDING_STATUSES
-            and in_flight_marker(statuses[i][1], real_now) is not None
-            and in_flight_marker(statuses[i][1], real_now).get("batch_key") == key  # type: ignore[union-attr]
-        ]
-        if waiting:  # another member is still pending under this key outside this run: leave the group
-            report.skipped[BATCH_ELSEWHERE] += len(group)
-            for _index, job in group:
-                page.older.pop(job.user.id, None)
-                page.markers.pop(job.digest.id, None)
-            continue
-        page.batches.append(_Batch(key, [job for _index, job in sorted(group, key=lambda g: g[0])], True))
+    return replays, members, fresh
 
+
+def _pending_under(status: tuple[str, Any] | None, key: str, real_now: datetime) -> bool:
+    """A digest (its status and payload) still pending with a live marker of batch ``key``."""
+    if status is None or status[0] not in PENDING_STATUSES:
+        return False
+    marker = in_flight_marker(status[1], real_now)
+    return marker is not None and marker.get("batch_key") == key
+
+
+def _mark_fresh(
+    conn: sa.Connection, fresh: list[SendJob], page: _Page, batch_size: int, real_now: datetime
+) -> None:
+    """Group the fresh jobs into batches under new keys and write each digest's marker (one statement)."""
     prepared_at = real_now.isoformat()
     marks: list[dict[str, Any]] = []
-    for chunk in chunks(fresh, settings.email_batch_size):
+    for chunk in chunks(fresh, batch_size):
         key = batch_key()
         ids_in_batch = [job.digest.id for job in chunk]
         for index, job in enumerate(chunk):
@@ -567,7 +633,6 @@ def _prepare(
             )
         page.batches.append(_Batch(key, chunk))
     update_many(conn, t.note_digests, marks, where=t.note_digests.c.status.in_(PENDING_STATUSES))
-    return page
 
 
 def _send(
@@ -742,80 +807,78 @@ def _record(
     _count(page, deliveries, per_user, report)
 
 
-def _updates(
-    page: _Page, deliveries: Sequence[_Delivery], stamp: datetime
-) -> dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+def _updates(page: _Page, deliveries: Sequence[_Delivery], stamp: datetime) -> dict[str, _UserRows]:
     """Per user: the digest updates and review-state rows to write (``""`` holds page-level updates)."""
-    per_user: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = {}
-
-    def slot(uid: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        return per_user.setdefault(uid, ([], []))
-
+    per_user: dict[str, _UserRows] = {}
     for update in page.updates:
-        slot("").__getitem__(0).append({**update, "updated_at": stamp})
+        per_user.setdefault("", ([], []))[0].append({**update, "updated_at": stamp})
     for d in deliveries:
-        digest, key, uid = d.job.digest, idempotency_key(d.job.digest.id), d.job.user.id
-        updates, reviews = slot(uid)
+        updates, reviews = per_user.setdefault(d.job.user.id, ([], []))
         if d.outcome == "failed":
-            payload = merge_payload(
-                digest.payload_json, idempotency_key=key, last_attempt_at=stamp.isoformat()
-            )
-            if d.keep_marker and digest.id in page.markers:
-                payload[MARKER] = page.markers[digest.id]
-            else:
-                payload.pop(MARKER, None)
-            updates.append(
-                {
-                    **_digest_update(digest, "failed", payload, error_json=d.error, keep_error=False),
-                    "updated_at": stamp,
-                }
-            )
+            updates.append(_failed_update(page, d, stamp))
             continue
         accepted = d.accepted_at or stamp
-        payload = sent_payload(
-            digest.payload_json,
-            provider=d.provider,
-            provider_id=d.provider_id,
-            idempotency_key=key,
-            first_digest=d.job.first,
-            interval_days=d.job.plan.interval_days,
-        )
-        if digest.id in page.markers:
-            payload[MARKER] = page.markers[digest.id]
-        if d.outcome == "duplicate":
-            payload["provider_duplicate_key"] = True
-        updates.append(
-            {
-                **_digest_update(digest, "sent", payload, sent_at=accepted, keep_error=False),
-                "updated_at": stamp,
-            }
-        )
-        for older in page.older.get(uid, []):
-            updates.append(
-                {
-                    **_digest_update(
-                        older,
-                        "skipped",
-                        merge_payload(older.payload_json, reason=SUPERSEDED, superseded_by=digest.id),
-                    ),
-                    "updated_at": stamp,
-                }
-            )
-        for item in d.job.items:
-            reviews.append(
-                {
-                    "document_id": item.document_id,
-                    "user_id": uid,
-                    "status": "new",
-                    "interval_days": d.job.plan.interval_days,  # the effective interval; merged in _write
-                    "last_sent_at": accepted,
-                    "next_due_at": accepted,
-                    "ease_factor": DEFAULT_EASE_FACTOR,
-                    "repetitions": 0,
-                    "updated_at": stamp,
-                }
-            )
+        updates.extend(_sent_updates(page, d, accepted, stamp))
+        reviews.extend(_review_rows(d, accepted, stamp))
     return per_user
+
+
+def _failed_update(page: _Page, d: _Delivery, stamp: datetime) -> dict[str, Any]:
+    """A failed digest: its error, and its batch marker only when the email may have been accepted."""
+    digest = d.job.digest
+    payload = merge_payload(
+        digest.payload_json, idempotency_key=idempotency_key(digest.id), last_attempt_at=stamp.isoformat()
+    )
+    if d.keep_marker and digest.id in page.markers:
+        payload[MARKER] = page.markers[digest.id]
+    else:
+        payload.pop(MARKER, None)
+    return {
+        **_digest_update(digest, "failed", payload, error_json=d.error, keep_error=False),
+        "updated_at": stamp,
+    }
+
+
+def _sent_updates(page: _Page, d: _Delivery, accepted: datetime, stamp: datetime) -> list[dict[str, Any]]:
+    """A sent (or proven duplicate) digest, then the user's older digests it supersedes."""
+    digest = d.job.digest
+    payload = sent_payload(
+        digest.payload_json,
+        provider=d.provider,
+        provider_id=d.provider_id,
+        idempotency_key=idempotency_key(digest.id),
+        first_digest=d.job.first,
+        interval_days=d.job.plan.interval_days,
+    )
+    if digest.id in page.markers:
+        payload[MARKER] = page.markers[digest.id]
+    if d.outcome == "duplicate":
+        payload["provider_duplicate_key"] = True
+    updates = [
+        {**_digest_update(digest, "sent", payload, sent_at=accepted, keep_error=False), "updated_at": stamp}
+    ]
+    for older in page.older.get(d.job.user.id, []):
+        superseded = merge_payload(older.payload_json, reason=SUPERSEDED, superseded_by=digest.id)
+        updates.append({**_digest_update(older, "skipped", superseded), "updated_at": stamp})
+    return updates
+
+
+def _review_rows(d: _Delivery, accepted: datetime, stamp: datetime) -> list[dict[str, Any]]:
+    """The review-state rows of a delivered digest's items (the interval is merged in :func:`_write`)."""
+    return [
+        {
+            "document_id": item.document_id,
+            "user_id": d.job.user.id,
+            "status": "new",
+            "interval_days": d.job.plan.interval_days,  # the effective interval; merged in _write
+            "last_sent_at": accepted,
+            "next_due_at": accepted,
+            "ease_factor": DEFAULT_EASE_FACTOR,
+            "repetitions": 0,
+            "updated_at": stamp,
+        }
+        for item in d.job.items
+    ]
 
 
 def _write(
@@ -867,7 +930,7 @@ def _write(
 def _count(
     page: _Page,
     deliveries: Sequence[_Delivery],
-    per_user: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]],
+    per_user: dict[str, _UserRows],
     report: SendReport,
 ) -> None:
     for d in deliveries:
