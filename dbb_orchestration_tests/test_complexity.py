@@ -13,27 +13,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dbb_orchestration"
 MAX_COMPLEXITY = 10
 
-# Functions still above the limit, named one by one, each in a file that another branch was reworking
-# while this test was written. Temporary: the integrator empties this list after merging those branches
-# (their functions split); never add to it.
-ALLOWED_ABOVE_LIMIT: frozenset[str] = frozenset(
-    {
-        "db/schema_check.py::check_schema",
-        "db/schema_check.py::_family",
-        "db/schema_check.py::_check_enums",
-        "digests/queries.py::insert_digests_with_items",
-        "digests/queries.py::update_many",
-        "digests/seed.py::create_seed_digest_if_needed",
-        "digests/generate.py::_generate_batch",
-        "email/sender.py::_map_batch",
-        "notion_sync/client.py::NotionApi._call",
-        "sequences/process.py::decide",
-        "sequences/process.py::process_step",
-        "sequences/due.py::parse_cursor",
-        "sequences/due.py::plan_tick",
-    }
-)
-
 
 def _functions(path: Path) -> Iterator[tuple[str, int]]:
     # radon lists every function and method (as ``Class.method``) once, plus one entry per class
@@ -55,11 +34,7 @@ def _measured() -> dict[str, int]:
 
 def test_every_function_outside_the_fakes_has_complexity_at_most_10() -> None:
     measured = _measured()
-    too_complex = {
-        name: complexity
-        for name, complexity in measured.items()
-        if complexity > MAX_COMPLEXITY and name not in ALLOWED_ABOVE_LIMIT
-    }
+    too_complex = {name: complexity for name, complexity in measured.items() if complexity > MAX_COMPLEXITY}
     assert too_complex == {}, f"split these functions (radon cyclomatic complexity > {MAX_COMPLEXITY})"
 
 

@@ -122,27 +122,40 @@ class RangeKeyIOManager(dg.ConfigurableIOManager):
 # ---------------------------------------------------------------------------------------- the counts
 
 
+_DISAGREE = object()  # a non-numeric value the batch reports do not agree on: left out of the sum
+
+
+def _first(value: Any) -> Any:
+    if isinstance(value, dict):
+        return Counter(value)
+    return list(value) if isinstance(value, list) else value
+
+
+def _added(total: Any, value: Any) -> Any:
+    """``total`` with one more report's ``value`` for the same key."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, dict, list)):
+        return total if total == value else _DISAGREE
+    if total is _DISAGREE:
+        return total
+    if isinstance(value, dict):
+        total.update(value)
+        return total
+    if isinstance(value, list):
+        return [*total, *value]
+    return total + value
+
+
 def add_counts(reports: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The sum of batch reports: numbers add up, dicts of numbers add up key by key, lists are joined,
     and any other value (a logical time, a flag) is kept when every report agrees, else dropped."""
     total: dict[str, Any] = {}
     for report in reports:
         for key, value in report.items():
-            if key not in total:
-                total[key] = Counter(value) if isinstance(value, dict) else value
-                if isinstance(value, list):
-                    total[key] = list(value)
-            elif isinstance(value, bool) or not isinstance(value, (int, float, dict, list)):
-                if total[key] != value:
-                    total[key] = None
-            elif isinstance(value, dict):
-                total[key].update(value)
-            elif isinstance(value, list):
-                total[key].extend(value)
-            else:
-                total[key] += value
+            total[key] = _added(total[key], value) if key in total else _first(value)
     return {
-        k: dict(sorted(v.items())) if isinstance(v, Counter) else v for k, v in total.items() if v is not None
+        k: dict(sorted(v.items())) if isinstance(v, Counter) else v
+        for k, v in total.items()
+        if v is not _DISAGREE and v is not None
     }
 
 
