@@ -23,13 +23,12 @@ import base64
 import json
 import os
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import sqlalchemy as sa
+from _throwaway import throwaway_database
 
 from dbb_orchestration.config import Settings
 from dbb_orchestration.content import ContentKeyring, encode_content
@@ -38,7 +37,6 @@ from dbb_orchestration.digests.send import send_due_digests
 from dbb_orchestration.resources import resend_sender
 from dbb_orchestration.testing.fake_resend import FakeResend
 
-DDL = Path(__file__).resolve().parent.parent / "dbb_orchestration_tests" / "backend_schema.sql"
 KEY = bytes(range(11, 43))
 HOUR = datetime(2026, 2, 8, 8, tzinfo=UTC)
 DAY = datetime(2026, 2, 8, tzinfo=UTC)
@@ -126,14 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args(argv)
 
-    admin = psycopg.connect(args.admin_url, autocommit=True)
-    name = f"dbb_bench_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(args.admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    with throwaway_database(args.admin_url, keep=args.keep) as url:
         with psycopg.connect(url) as conn:
-            conn.execute(DDL.read_text())
-            conn.commit()
             started = time.perf_counter()
             seed(conn, args.users, args.notes)
         with psycopg.connect(url, autocommit=True) as conn:
@@ -186,12 +178,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\ndigests recorded sent with a provider id: {recorded:,}")
             engine.dispose()
             fake.raise_server_errors()
-    finally:
-        if args.keep:
-            print(f"kept database {name}: {url}")
-        else:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
     return 0
 
 

@@ -50,18 +50,17 @@ import random
 import subprocess
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import psycopg
 import sqlalchemy as sa
+from _throwaway import throwaway_database
 
 from dbb_orchestration.config import Settings
 from dbb_orchestration.content import ContentKeyring, encode_content
@@ -71,7 +70,6 @@ from dbb_orchestration.digests.defs import BATCH_OP, SUMMARY_OP, digest_hourly_j
 from dbb_orchestration.digests.generate import generate_digests
 from dbb_orchestration.timing import due_decision, resolve_timezone
 
-DDL = Path(__file__).resolve().parent.parent / "dbb_orchestration_tests" / "backend_schema.sql"
 TIMEZONES = (
     "UTC",
     "Europe/Paris",
@@ -414,14 +412,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     hour = datetime.strptime(args.partition, "%Y-%m-%d-%H:%M").replace(tzinfo=UTC)
-    admin = psycopg.connect(args.admin_url, autocommit=True)
-    name = f"dbb_bench_{uuid.uuid4().hex[:10]}"
-    admin.execute(f'CREATE DATABASE "{name}"')
-    url = sa.make_url(args.admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
+    with throwaway_database(args.admin_url, keep=args.keep) as url:
         with psycopg.connect(url) as conn:
-            conn.execute(DDL.read_text())
-            conn.commit()
             started = time.perf_counter()
             shape_args = Shape(args.users, args.docs, args.due_share, hour, args.never_sent_share)
             shape = seed(conn, shape_args)
@@ -520,12 +512,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"{expected['every_user_days']:,}"
                 )
             engine.dispose()
-    finally:
-        if args.keep:
-            print(f"kept database {name}: {url}")
-        else:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.close()
     return 0
 
 
