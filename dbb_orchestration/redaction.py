@@ -34,11 +34,32 @@ def _secret(match: re.Match[str]) -> str:
     return f"{found.group(0)}[redacted]" if found else "[redacted]"
 
 
+# Every match of the four patterns above contains one of these (case-insensitively): "@" (URL
+# credentials, addresses), "bearer"/"basic", "re_"/"secret"/"ntn_" or a secret's name. A string with
+# none of them, no whitespace to collapse and within the limit is returned as it is without running them
+# (most of a payload: ids, timestamps, statuses), which keeps scrubbing a page's payloads cheap.
+_MAY_HOLD_SECRET = re.compile(r"@|bearer|basic|re_|secret|ntn_|api|token|passw|authorization", re.IGNORECASE)
+_UNTIDY_SPACE = re.compile(r"^\s|\s$|\s\s|[^\S ]")
+
+
+def _clean_as_is(value: str, limit: int | None) -> bool:
+    """True when :func:`scrub` would return ``value`` unchanged (the fast path; see above)."""
+    if limit is not None and len(value) > limit:
+        return False
+    return _MAY_HOLD_SECRET.search(value) is None and _UNTIDY_SPACE.search(value) is None
+
+
 def scrub(text: object, limit: int | None = SUMMARY_LIMIT) -> str:
     """``text`` without email addresses (→ ``[email]``), API keys (``re_…``, ``ntn_…``, ``secret_…``),
     bearer tokens, ``key=value`` secrets and URL credentials (→ ``[redacted]``); whitespace collapsed;
     cut to ``limit`` characters (``None``: no cut)."""
     value = "" if text is None else str(text)
+    if _clean_as_is(value, limit):
+        return value
+    return _scrub_slow(value, limit)
+
+
+def _scrub_slow(value: str, limit: int | None) -> str:
     value = _URL_CREDENTIALS.sub(r"\g<scheme>[redacted]@", value)
     value = _BEARER.sub("[redacted]", value)
     value = _SECRET.sub(_secret, value)

@@ -48,3 +48,29 @@ def test_scrub_json_walks_nested_values() -> None:
         "ok": True,
         "none": None,
     }
+
+
+def test_the_fast_path_returns_exactly_what_the_full_scrub_returns() -> None:
+    """Random strings built from the pieces the patterns look for (and the whitespace they collapse):
+    ``scrub`` with its fast path gives the same result as the full set of substitutions."""
+    import random
+
+    from dbb_orchestration.redaction import _scrub_slow
+
+    pieces = [
+        "a", "Z", "7", "-", ".", "/", ":", "=", "@", "_", " ", "  ", "\t", "\n", "\u00a0", "\u2003",
+        "re_", "RE_", "ntn_", "secret", "Secret_", "api", "API-key", "token", "passwd", "password",
+        "Authorization", "Bearer ", "basic ", "https://", "user:pw@", "x@y.io", "abcdef12", "2026-02-08T08:00:00+00:00",
+    ]  # fmt: skip
+    rng = random.Random(20261201)
+    seen_fast = seen_slow = 0
+    for _ in range(20_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        limit = rng.choice([None, 10, 40, 500])
+        expected = _scrub_slow(text, limit)
+        assert scrub(text, limit) == expected, (text, limit)
+        if expected == text:
+            seen_fast += 1
+        else:
+            seen_slow += 1
+    assert seen_fast > 1000 and seen_slow > 1000  # both paths really exercised
