@@ -111,7 +111,9 @@ _IMAGE_RE = re.compile(r"!\[[^\]\n]*\]\([^)\n]*\)")
 _EMBED_RE = re.compile(r"!\[\[[^\]\n]*\]\]")
 _WIKI_LABEL_RE = re.compile(r"\[\[([^\]|\n]*)\|([^\]\n]*)\]\]")
 _WIKI_RE = re.compile(r"\[\[([^\]\n]*)\]\]")
-_LINK_RE = re.compile(r"\[([^\]\n]*)\]\(\s*<?([^)\s>]*)>?(?:\s+[\"'][^\"'\n]*[\"'])?\s*\)")
+# The destination may hold balanced parentheses one level deep, as CommonMark allows
+# (``https://en.wikipedia.org/wiki/Mercury_(planet)``).
+_LINK_RE = re.compile(r"\[([^\]\n]*)\]\(\s*<?((?:[^()\s>]|\([^()\s>]*\))*)>?(?:\s+[\"'][^\"'\n]*[\"'])?\s*\)")
 _AUTOLINK_RE = re.compile(r"<(https?://[^>\s]+)>", re.IGNORECASE)
 _BR_RE = re.compile(r"<br\s*/?>", re.IGNORECASE)
 _TAG_RE = re.compile(r"</?[A-Za-z][A-Za-z0-9:-]*(?:\s[^<>]*)?/?>")

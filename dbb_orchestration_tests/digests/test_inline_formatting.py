@@ -110,7 +110,19 @@ def test_non_http_link_labels_are_plain_and_private_markers_in_notes_are_dropped
     email = render("[local](notes/x.md) and [js](javascript:alert(1)) \ue000x\ue001https://evil\ue002")
     html = note_html(email.html)
     assert "<a " not in html and "javascript" not in html
-    assert "local and js) xhttps://evil" in email.text  # the link syntax ends at the first ")"
+    assert "local and js xhttps://evil" in email.text  # the destination's balanced "(1)" is part of it
+
+
+def test_a_link_whose_url_holds_parentheses_is_linked_whole() -> None:
+    """Wikipedia-style destinations keep their balanced parentheses (one level, as CommonMark allows)."""
+    email = render(
+        "See [Mercury](https://en.wikipedia.org/wiki/Mercury_(planet)) and [b](https://b.test/x) (c)."
+    )
+    html = note_html(email.html)
+    url = "https://en.wikipedia.org/wiki/Mercury_(planet)"
+    assert f'<a href="{url}" target="_blank" rel="noopener">Mercury</a> and ' in html
+    assert '<a href="https://b.test/x" target="_blank" rel="noopener">b</a> (c).' in html
+    assert f"See Mercury ({url}) and b (https://b.test/x) (c)." in email.text
 
 
 def test_budget_counts_visible_text_and_truncation_keeps_formatting() -> None:
