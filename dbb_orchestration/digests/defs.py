@@ -4,7 +4,8 @@
   uses that instant as its logical time for every rule, so a backfilled hour behaves like the hour it
   stands for). Op ``plan_digest_batches`` splits the users into keyset ranges by id
   (``DIGEST_USERS_PER_STEP`` each, see ``batches.py``); op ``digest_batch[<range>]`` (pool
-  ``digest_hourly``), one step per range, generates then sends for its users; op
+  ``digest_hourly``), one step per range, generates then sends for its users (overlapped page by page,
+  see ``pipeline.py``); op
   ``summarize_digest_batches`` adds up the steps' counts (outputs ``generated`` and ``sent``). The
   executor comes from ``DIGEST_EXECUTOR`` (``multiprocess`` by default, whose run config also allows
   ``in_process`` and sets ``max_concurrent``; ``k8s`` runs each batch step in its own pod). Tag
@@ -49,7 +50,8 @@ from dbb_orchestration.digests.batches import (
     range_key,
     user_ranges,
 )
-from dbb_orchestration.digests.generate import generate_digests, outside_catch_up_window
+from dbb_orchestration.digests.generate import GenerateReport, outside_catch_up_window
+from dbb_orchestration.digests.pipeline import generate_and_send
 from dbb_orchestration.digests.queries import find_first_digest_users
 from dbb_orchestration.digests.send import SendReport, send_due_digests
 from dbb_orchestration.resources import DatabaseResource, EmailResource, SettingsResource
@@ -178,10 +180,9 @@ def digest_batch(
     sender = email.sender_for_op(dry_run=s.digest_email_dry_run)
     now = partition_start(context)
     bounds = (user_range[0], user_range[1])
-    generated = generate_digests(database.engine, now, s, clock=s.now, user_range=bounds)
-    context.log.info(f"digest generation for {now.isoformat()}: {generated.summary()}")
-    if generated.outside_catch_up_window:
-        context.log.info(f"digest sending for {now.isoformat()}: outside_catch_up_window: nothing sent")
+    if outside_catch_up_window(now, s.now(), s.digest_catch_up_hours):
+        generated = GenerateReport(logical_time=now, outside_catch_up_window=True)
+        context.log.info(f"digests for {now.isoformat()}: outside_catch_up_window: nothing created or sent")
         sent: dict[str, Any] = {
             "logical_time": now.isoformat(),
             "outside_catch_up_window": True,
@@ -189,7 +190,8 @@ def digest_batch(
             "sent": 0,
         }
     else:
-        report = send_due_digests(database.engine, sender, s, now, clock=s.now, user_range=bounds)
+        generated, report = generate_and_send(database.engine, sender, s, now, bounds, clock=s.now)
+        context.log.info(f"digest generation for {now.isoformat()}: {generated.summary()}")
         context.log.info(f"digest sending for {now.isoformat()}: {_summary(report)}")
         _check_send(report)
         sent = {"outside_catch_up_window": False, **report.metadata()}
