@@ -174,3 +174,25 @@ def test_a_misnamed_content_key_is_listed_by_name_and_refused(environ: pytest.Mo
     with pytest.raises(SettingsError, match="CONTENT_ENCRYPTION_KEY_V11 is not a supported key variable"):
         resource.get()
     assert "c2VjcmV0" not in serialize_value(_settings_snap(make_definitions()))
+
+
+class _Recording(dict[str, str]):
+    """A mapping that remembers which variables were looked up."""
+
+    def __init__(self, values: dict[str, str]) -> None:
+        super().__init__(values)
+        self.read: set[str] = set()
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> str:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+
+def test_the_resource_has_a_field_for_exactly_the_variables_settings_reads() -> None:
+    env = _Recording({"DATABASE_URL": DB_URL})
+    Settings.from_env(env)
+    assert env.read == set(SettingsResource.variable_names())
