@@ -1,6 +1,6 @@
 """A throwaway Postgres database for a benchmark: created with a unique name, loaded with the backend's
-DDL (``dbb_orchestration_tests/backend_schema.sql``, its indexes and no others), dropped afterwards
-unless kept. Shared by the benchmark scripts; not a benchmark itself."""
+DDL (``dbb_orchestration_tests/backend_schema.sql``, its indexes and no others) or left empty, dropped
+afterwards unless kept. Shared by the benchmark scripts; not a benchmark itself."""
 
 from __future__ import annotations
 
@@ -16,15 +16,17 @@ DDL = Path(__file__).resolve().parent.parent / "dbb_orchestration_tests" / "back
 
 
 @contextmanager
-def throwaway_database(admin_url: str, *, keep: bool = False) -> Iterator[str]:
-    """Yield the URL of a new database holding the backend's schema; drop it on exit unless ``keep``."""
+def throwaway_database(admin_url: str, *, keep: bool = False, schema: bool = True) -> Iterator[str]:
+    """Yield the URL of a new database holding the backend's schema (an empty one when not ``schema``,
+    e.g. for Dagster's own storage); drop it on exit unless ``keep``."""
     name = f"dbb_bench_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
         url = sa.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
         try:
-            with psycopg.connect(url) as conn:
-                conn.execute(DDL.read_text())  # type: ignore[arg-type]
+            if schema:
+                with psycopg.connect(url) as conn:
+                    conn.execute(DDL.read_text())  # type: ignore[arg-type]
             yield url
         finally:
             if keep:

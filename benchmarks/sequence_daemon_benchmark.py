@@ -39,19 +39,18 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import sqlalchemy as sa
+from _throwaway import throwaway_database
 
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import create_db_engine
 from dbb_orchestration.testing import factories as f
 
 ROOT = Path(__file__).resolve().parent.parent
-DDL = ROOT / "dbb_orchestration_tests" / "backend_schema.sql"
 BIN = Path(sys.executable).parent
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -138,19 +137,6 @@ class TreeCpu:
 
 
 # ------------------------------------------------------------------------------------------- setup
-
-
-def create_database(admin: sa.Engine, ddl: str | None) -> str:
-    name = f"dbb_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    if ddl is not None:
-        engine = create_db_engine(url, poolclass=sa.pool.NullPool)
-        with engine.begin() as conn:
-            conn.exec_driver_sql(ddl)
-        engine.dispose()
-    return url
 
 
 def seed_backlog(engine: sa.Engine, steps: int, now: datetime) -> None:
@@ -241,15 +227,21 @@ def stop(proc: subprocess.Popen[str] | subprocess.Popen[bytes], grace: float = 3
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     thresholds = sorted({int(x) for x in args.first_digest_at.split(",") if x.strip()}, reverse=True)
-    admin = create_db_engine(args.admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    app_url = create_database(admin, DDL.read_text())
-    dagster_db = create_database(admin, None)
+    with (
+        throwaway_database(args.admin_url, keep=args.keep) as app_url,
+        throwaway_database(args.admin_url, keep=args.keep, schema=False) as dagster_db,
+    ):
+        return run(args, thresholds, app_url, dagster_db)
+
+
+def run(args: argparse.Namespace, thresholds: list[int], app_url: str, dagster_db: str) -> int:
+    """The benchmark on the two databases: the daemon, the backlog, the report (returns the exit code)."""
     dagster_name = sa.engine.make_url(dagster_db).database or ""
     home = Path(tempfile.mkdtemp(prefix="dbb_bench_home_"))
     engine = create_db_engine(app_url, poolclass=sa.pool.NullPool)
     fake: subprocess.Popen[str] | None = None
     daemon: subprocess.Popen[bytes] | None = None
-    url = admin.url
+    url = sa.engine.make_url(args.admin_url)
     try:
         now = datetime.now(UTC)
         seed_backlog(engine, args.steps, now)
@@ -367,14 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             stop(fake, grace=5)
         engine.dispose()
         if args.keep:
-            print(f"kept: app {app_url}, dagster db {dagster_name}, DAGSTER_HOME {home}")
+            print(f"kept DAGSTER_HOME {home}")
         else:
-            with admin.connect() as conn:
-                for db in (app_url, dagster_db):
-                    name = sa.engine.make_url(db).database
-                    conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             shutil.rmtree(home, ignore_errors=True)
-        admin.dispose()
 
 
 if __name__ == "__main__":

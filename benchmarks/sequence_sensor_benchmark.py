@@ -34,25 +34,23 @@ import os
 import random
 import statistics
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import psycopg
 import sqlalchemy as sa
+from _throwaway import throwaway_database
 
-from dbb_orchestration.db.engine import create_db_engine, shared_engine
+from dbb_orchestration.db.engine import shared_engine
 from dbb_orchestration.definitions import build_resources
 from dbb_orchestration.sequences.defs import email_sequence_sensor
 from dbb_orchestration.sequences.due import JIT_OFF, _due_query, find_due_steps
 from dbb_orchestration.sequences.steps import STEPS
 
-DDL = Path(__file__).resolve().parent.parent / "dbb_orchestration_tests" / "backend_schema.sql"
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 
@@ -241,71 +239,57 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the database (its URL is printed)")
     args = parser.parse_args()
 
-    admin = create_db_engine(args.admin_url, isolation_level="AUTOCOMMIT", poolclass=sa.pool.NullPool)
-    name = f"dbb_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    try:
-        engine = create_db_engine(url, poolclass=sa.pool.NullPool)
-        with engine.begin() as conn:
-            conn.exec_driver_sql(DDL.read_text())
-        engine.dispose()
-        t0 = time.perf_counter()
-        users, rows, unverified = build_rows(args.states, args.due)
-        counts = load(url, users, rows, unverified)
-        active = sum(1 for r in rows if r.status == "active")
-        print(
-            f"loaded {counts['states']:,} states ({active:,} active), {counts['users']:,} users, "
-            f"{counts['digests']:,} digests in {time.perf_counter() - t0:.1f} s"
-        )
-        with dg.DagsterInstance.ephemeral() as instance:
-            first, _, _ = evaluate(instance, url, None, NOW)  # also the warm-up: pool, plan cache
-            # the next tick sees the launched runs ended (none exist here): their back-off starts then
-            seen, _, _ = evaluate(instance, url, first.cursor, NOW + timedelta(minutes=1))
-            scenarios: dict[str, tuple[str | None, datetime]] = {
-                "fresh": (None, NOW),
-                "next": (first.cursor, NOW + timedelta(minutes=1)),
-                "retry": (seen.cursor, NOW + timedelta(minutes=11)),
-            }
-            for label, (cursor, now) in scenarios.items():
-                times: list[float] = []
-                statements: set[int] = set()
-                launched, retries = 0, 0
-                for _ in range(args.repeat):
-                    result, elapsed, n = evaluate(instance, url, cursor, now)
-                    times.append(elapsed)
-                    statements.add(n)
-                    requests = result.run_requests or []
-                    launched = sum(int(r.tags["dbb/steps"]) for r in requests)
-                    retries = sum(int(r.tags["dbb/retried_steps"]) for r in requests)
-                print(
-                    f"{label:6s} median {statistics.median(times) * 1000:7.1f} ms  "
-                    f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, n={args.repeat})  "
-                    f"SQL statements/tick {sorted(statements)}  steps launched {launched} ({retries} retries) in {len(requests)} runs"
-                )
-            query_times = []
-            for _ in range(args.repeat):
-                with shared_engine(url).connect() as conn:
-                    start = time.perf_counter()
-                    scan = find_due_steps(conn, now=NOW, limit=500)
-                    query_times.append(time.perf_counter() - start)
+    with throwaway_database(args.admin_url, keep=args.keep) as url:
+        try:
+            t0 = time.perf_counter()
+            users, rows, unverified = build_rows(args.states, args.due)
+            counts = load(url, users, rows, unverified)
+            active = sum(1 for r in rows if r.status == "active")
             print(
-                f"query  median {statistics.median(query_times) * 1000:7.1f} ms  "
-                f"(min {min(query_times) * 1000:.1f}, max {max(query_times) * 1000:.1f}): find_due_steps alone"
+                f"loaded {counts['states']:,} states ({active:,} active), {counts['users']:,} users, "
+                f"{counts['digests']:,} digests in {time.perf_counter() - t0:.1f} s"
             )
-            print(f"counts: {scan.due:,} due, {scan.unverified:,} unverified, {scan.blocked:,} blocked")
-        if args.explain:
-            print(explain(url))
-    finally:
-        shared_engine(url).dispose()
-        shared_engine.cache_clear()
-        if args.keep:
-            print(f"kept: {url}")
-        else:
-            with admin.connect() as conn:
-                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
+            with dg.DagsterInstance.ephemeral() as instance:
+                first, _, _ = evaluate(instance, url, None, NOW)  # also the warm-up: pool, plan cache
+                # the next tick sees the launched runs ended (none exist here): their back-off starts then
+                seen, _, _ = evaluate(instance, url, first.cursor, NOW + timedelta(minutes=1))
+                scenarios: dict[str, tuple[str | None, datetime]] = {
+                    "fresh": (None, NOW),
+                    "next": (first.cursor, NOW + timedelta(minutes=1)),
+                    "retry": (seen.cursor, NOW + timedelta(minutes=11)),
+                }
+                for label, (cursor, now) in scenarios.items():
+                    times: list[float] = []
+                    statements: set[int] = set()
+                    launched, retries = 0, 0
+                    for _ in range(args.repeat):
+                        result, elapsed, n = evaluate(instance, url, cursor, now)
+                        times.append(elapsed)
+                        statements.add(n)
+                        requests = result.run_requests or []
+                        launched = sum(int(r.tags["dbb/steps"]) for r in requests)
+                        retries = sum(int(r.tags["dbb/retried_steps"]) for r in requests)
+                    print(
+                        f"{label:6s} median {statistics.median(times) * 1000:7.1f} ms  "
+                        f"(min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}, n={args.repeat})  "
+                        f"SQL statements/tick {sorted(statements)}  steps launched {launched} ({retries} retries) in {len(requests)} runs"
+                    )
+                query_times = []
+                for _ in range(args.repeat):
+                    with shared_engine(url).connect() as conn:
+                        start = time.perf_counter()
+                        scan = find_due_steps(conn, now=NOW, limit=500)
+                        query_times.append(time.perf_counter() - start)
+                print(
+                    f"query  median {statistics.median(query_times) * 1000:7.1f} ms  "
+                    f"(min {min(query_times) * 1000:.1f}, max {max(query_times) * 1000:.1f}): find_due_steps alone"
+                )
+                print(f"counts: {scan.due:,} due, {scan.unverified:,} unverified, {scan.blocked:,} blocked")
+            if args.explain:
+                print(explain(url))
+        finally:
+            shared_engine(url).dispose()
+            shared_engine.cache_clear()
 
 
 if __name__ == "__main__":

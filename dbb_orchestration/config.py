@@ -1,7 +1,7 @@
 """One typed settings object, read from an environment mapping (behaviour §12).
 
-Nothing is read at import time: callers pass ``os.environ`` (or a dict in tests) to
-:meth:`Settings.from_env`. Every problem is raised as :class:`SettingsError` naming the variable,
+Nothing is read at import time: callers pass a mapping of variables to :meth:`Settings.from_env` (the
+Dagster ``SettingsResource``'s configured values, see ``resources.py``, or a dict in tests). Every problem is raised as :class:`SettingsError` naming the variable,
 before any work is done. Secrets are never included in messages.
 """
 

@@ -45,6 +45,7 @@ __all__ = [
     "content_hash",
     "decode_content",
     "encode_content",
+    "is_versioned_key_env_name",
     "key_env_name",
     "normalize_markdown",
     "storable_json",
@@ -76,6 +77,11 @@ class ContentKeyError(ValueError):
 def key_env_name(version: int) -> str:
     """Environment variable holding key ``version``: 1 → ``CONTENT_ENCRYPTION_KEY``, n → ``..._V<n>``."""
     return _KEY_ENV if version == 1 else f"{_KEY_ENV}_V{version}"
+
+
+def is_versioned_key_env_name(name: str) -> bool:
+    """Whether ``name`` has the shape ``CONTENT_ENCRYPTION_KEY_V<n>`` (supported version or not)."""
+    return _VERSIONED_KEY_ENV.match(name) is not None
 
 
 def _b64decode(value: str) -> bytes:
@@ -134,7 +140,7 @@ def storable_json(value: Any) -> Any:
 def _reject_unsupported_key_names(env: Mapping[str, str], supported: Mapping[str, int]) -> None:
     """A non-blank ``CONTENT_ENCRYPTION_KEY_V<n>`` outside ``_V2``..``_V10`` is a misnamed key: refuse it."""
     for name in sorted(env):
-        if _VERSIONED_KEY_ENV.match(name) and name not in supported and (env.get(name) or "").strip():
+        if is_versioned_key_env_name(name) and name not in supported and (env.get(name) or "").strip():
             raise ContentKeyError(
                 f"{name} is not a supported key variable: use {_KEY_ENV} for version 1 and "
                 f"{_KEY_ENV}_V2..{_KEY_ENV}_V{MAX_KEY_VERSION} for later versions"

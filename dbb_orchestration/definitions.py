@@ -16,8 +16,9 @@ from dbb_orchestration.sequences import defs as sequences_defs
 
 
 def build_resources(overrides: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The resources every job uses; ``overrides`` win over the environment (tests, the demo)."""
-    settings = SettingsResource(overrides=dict(overrides or {}))
+    """The resources every job uses. Settings the environment sets are bound as ``dg.EnvVar`` (the UI
+    shows their names); ``overrides`` win over the environment (tests, the demo)."""
+    settings = SettingsResource.from_environment(overrides)
     return {
         "settings": settings,
         "database": DatabaseResource(settings=settings),

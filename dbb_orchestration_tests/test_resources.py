@@ -19,7 +19,7 @@ def _resource(db_url: str, **extra: str) -> EmailResource:
         "EMAIL_CIRCUIT_BREAKER_FAILURES": "4",
         **extra,
     }
-    return EmailResource(settings=SettingsResource(overrides=overrides))
+    return EmailResource(settings=SettingsResource.from_environment(overrides))
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

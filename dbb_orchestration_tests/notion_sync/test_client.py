@@ -219,8 +219,8 @@ def test_make_sdk_client_rejects_an_empty_token() -> None:
 
 def test_resource_builds_a_client_for_the_configured_url(fake: FakeNotion) -> None:
     resource = NotionResource(
-        settings=SettingsResource(
-            overrides={
+        settings=SettingsResource.from_environment(
+            {
                 "DATABASE_URL": "sqlite://",
                 "NOTION_API_URL": fake.base_url,
                 "NOTION_REQUESTS_PER_SECOND": "0",
@@ -241,18 +241,20 @@ def test_resource_builds_a_client_for_the_configured_url(fake: FakeNotion) -> No
 def test_resource_takes_the_maximum_retry_wait_from_the_settings(fake: FakeNotion) -> None:
     env = {"DATABASE_URL": "sqlite://", "NOTION_API_URL": fake.base_url}
     resource = NotionResource(
-        settings=SettingsResource(overrides={**env, "NOTION_MAX_RETRY_WAIT_SECONDS": "45"})
+        settings=SettingsResource.from_environment({**env, "NOTION_MAX_RETRY_WAIT_SECONDS": "45"})
     )
     with resource.open(TOKEN) as api:
         assert api.policy.max_retry_after == 45.0
 
-    bad = NotionResource(settings=SettingsResource(overrides={**env, "NOTION_MAX_RETRY_WAIT_SECONDS": "-1"}))
+    bad = NotionResource(
+        settings=SettingsResource.from_environment({**env, "NOTION_MAX_RETRY_WAIT_SECONDS": "-1"})
+    )
     with pytest.raises(SettingsError, match="NOTION_MAX_RETRY_WAIT_SECONDS"):
         bad.client(TOKEN)
 
 
 def test_resource_paces_connections() -> None:
-    resource = NotionResource(settings=SettingsResource(overrides={"DATABASE_URL": "sqlite://"}))
+    resource = NotionResource(settings=SettingsResource.from_environment({"DATABASE_URL": "sqlite://"}))
     sleeps = Sleeps()
     now = [100.0]
 

@@ -91,7 +91,7 @@ def test_scrub_removes_emails_and_tokens() -> None:
 def test_failed_run_is_recorded_without_pii(tmp_path) -> None:
     with dg.instance_for_test() as instance:
         context = _failed_run_context(instance)
-        settings = SettingsResource(overrides={"DATABASE_URL": f"sqlite:///{tmp_path}/x.sqlite"})
+        settings = SettingsResource.from_environment({"DATABASE_URL": f"sqlite:///{tmp_path}/x.sqlite"})
         run_failure_alert_sensor(context, settings=settings)
         run = instance.get_run_by_id(context.dagster_run.run_id)
         assert run is not None
@@ -104,8 +104,8 @@ def test_failed_run_goes_to_sentry_when_dsn_set(tmp_path) -> None:
     pytest.importorskip("sentry_sdk")
     with _SentryIngest() as ingest, dg.instance_for_test() as instance:
         context = _failed_run_context(instance)
-        settings = SettingsResource(
-            overrides={"DATABASE_URL": f"sqlite:///{tmp_path}/x.sqlite", "SENTRY_DSN": ingest.dsn}
+        settings = SettingsResource.from_environment(
+            {"DATABASE_URL": f"sqlite:///{tmp_path}/x.sqlite", "SENTRY_DSN": ingest.dsn}
         )
         run_failure_alert_sensor(context, settings=settings)
         assert ingest.envelopes, "Sentry received nothing"
