@@ -259,11 +259,18 @@ class _Session:
         self._restore: str | None = None
         if self.postgres:
             ms = max(1, int(settings.digest_lock_timeout_seconds * 1000))
-            with self.conn.begin():
-                self._restore = self.conn.execute(
-                    sa.text("SELECT current_setting('lock_timeout'), set_config('lock_timeout', :ms, false)"),
-                    {"ms": str(ms)},
-                ).scalar_one()
+            try:
+                with self.conn.begin():
+                    self._restore = self.conn.execute(
+                        sa.text(
+                            "SELECT current_setting('lock_timeout'), set_config('lock_timeout', :ms, false)"
+                        ),
+                        {"ms": str(ms)},
+                    ).scalar_one()
+            except BaseException:
+                self.conn.invalidate()  # its session state is unknown: never back into the pool
+                self.conn.close()
+                raise
 
     def claim(
         self, user_ids: Sequence[str] = (), batch_keys: Sequence[str] = ()
@@ -294,7 +301,8 @@ class _Session:
         self._release += [(BATCH_CLAIM_NAMESPACE, claim_key(key)) for key in batch_keys]
 
     def close(self) -> None:
-        """Release every claim, restore ``lock_timeout`` (one statement) and return the connection."""
+        """Release every claim, restore ``lock_timeout`` (one statement) and return the connection; if
+        that fails, the connection is discarded instead (which also ends its claims)."""
         conn = self.conn
         try:
             if conn.in_transaction():
@@ -305,6 +313,9 @@ class _Session:
                         sa.text("SELECT pg_advisory_unlock_all(), set_config('lock_timeout', :old, false)"),
                         {"old": self._restore or "0"},
                     )
+        except BaseException:
+            conn.invalidate()
+            raise
         finally:
             conn.close()
 
@@ -430,20 +441,38 @@ def _deliver_and_record(run: _Run, page: _Page) -> None:
 
 def _replay_in_flight(run: _Run, user_range: tuple[str | None, str | None], only_user_id: str | None) -> None:
     """Resend every recorded batch in flight for this run's users under its key, claiming all its
-    members by digest id (module docstring, "Replay first"). One statement when nothing is in flight."""
+    members by digest id (module docstring, "Replay first"), about ``DIGEST_BATCH_SIZE`` members at a
+    time. One statement when nothing is in flight."""
     conn, real_now = run.session.conn, run.real_now()
     with conn.begin():
         marked = load_marked_in_scope(
             conn, after=user_range[0], upto=user_range[1], only_user_id=only_user_id
         )
-    live = [d for d in marked if in_flight_marker(d.payload_json, real_now) is not None]
-    if not live:
-        return
-    member_ids = {d.id for d in live} | {i for d in live for i in _batch_ids(d, real_now)}
+        live = [d for d in marked if in_flight_marker(d.payload_json, real_now) is not None]
+        member_ids = {d.id for d in live} | {i for d in live for i in _batch_ids(d, real_now)}
+        groups = _replay_groups(load_digests(conn, sorted(member_ids)), real_now) if live else {}
+    for chunk in _group_chunks(groups, run.settings.digest_batch_size):
+        _replay_chunk(run, chunk, real_now)
+
+
+def _group_chunks(groups: dict[str, _Group], size: int) -> Iterator[dict[str, _Group]]:
+    """The groups in chunks of about ``size`` members (a group is never split)."""
+    chunk: dict[str, _Group] = {}
+    for key, group in groups.items():
+        if chunk and sum(map(len, chunk.values())) + len(group) > size:
+            yield chunk
+            chunk = {}
+        chunk[key] = group
+    if chunk:
+        yield chunk
+
+
+def _replay_chunk(run: _Run, groups: dict[str, _Group], real_now: datetime) -> None:
+    """Claim the batches and their members' users, prepare, commit; send; record; release."""
+    conn = run.session.conn
     claimed: tuple[set[str], set[str]] = (set(), set())
     try:
         with conn.begin():
-            groups = _replay_groups(load_digests(conn, sorted(member_ids)), real_now)
             groups, claimed = _claim_groups(run, groups)
             page = _prepare_replay(run, groups, real_now) if groups else _Page()
         _deliver_and_record(run, page)

@@ -177,3 +177,30 @@ def test_the_replay_pre_pass_costs_one_statement_when_nothing_is_in_flight(engin
     assert "set_config('lock_timeout'" in setup and "set_config('lock_timeout'" in reset
     assert 'FROM note_digests JOIN "user"' in replay and "pg_advisory_unlock_all" in reset
     assert page.startswith('SELECT "user".id')
+
+
+def test_replays_go_in_pages_each_batch_under_its_recorded_key(
+    engine: sa.Engine, fake_resend: FakeResend
+) -> None:
+    """Two recorded batches, replayed in pages of at most DIGEST_BATCH_SIZE members: each batch goes
+    out once more under its own key, and nothing is delivered twice."""
+    with engine.begin() as conn:
+        ids = [user_with_pending(conn, f"u{n}") for n in range(4)]
+    s = settings_for(engine, keyring=KEYRING, email_batch_size=2, email_max_concurrency=1)
+    with pytest.raises(SimulatedKill):
+        send_due_digests(engine, KilledAfterAccept(resend_sender(fake_resend), after=1), s, NOW, clock)
+    delivered, requests = len(fake_resend.sent), fake_resend.requests_count
+    assert delivered >= 2 and set(statuses(engine).values()) == {"scheduled"}
+    with engine.connect() as conn:
+        payloads = conn.execute(sa.select(t.note_digests.c.payload_json)).scalars().all()
+    keys = {p["delivery"]["batch_key"] for p in payloads}
+    assert len(keys) == 2
+
+    replay = settings_for(engine, keyring=KEYRING, digest_batch_size=2)
+    report = send_due_digests(engine, resend_sender(fake_resend), replay, NOW + timedelta(minutes=5), clock)
+    assert (report.sent, report.provider_duplicates) == (4, 0)
+    replayed = [r.idempotency_key for r in fake_resend.requests[requests:]]
+    assert sorted(replayed) == sorted(keys)  # one request per batch, under its recorded key
+    assert len(fake_resend.sent) == 4 and set(statuses(engine).values()) == {"sent"}
+    assert sorted(i for i in provider_ids(engine).values() if i) == sorted(d.id for d in fake_resend.sent)
+    assert sorted(provider_ids(engine)) == sorted(ids)
