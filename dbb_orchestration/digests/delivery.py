@@ -58,7 +58,8 @@ statements:
    the page is recorded user by user in savepoints and a user whose rows stay locked is counted
    ``record_deferred`` (left pending with its batch key: the next run's replay proves the delivery).
 
-A page without due users costs its one read; one without claimed users no further statement.
+A page without due users costs its one read (and, right after a page with claims, the release of those
+claims); one where no user could be claimed no further statement.
 
 A per-email validation error, a render failure or a non-retryable refusal clears the marker (the
 email was not accepted); a timeout, 5xx or an open breaker keeps it (it may have been).
