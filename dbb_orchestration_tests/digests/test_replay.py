@@ -10,16 +10,24 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta
+from pathlib import Path
 
+import dagster as dg
 import pytest
 import sqlalchemy as sa
 
+from dbb_orchestration.config import Settings
+from dbb_orchestration.db import create_db_engine
 from dbb_orchestration.db import tables as t
+from dbb_orchestration.digests.defs import SUMMARY_OP
+from dbb_orchestration.digests.generate import generate_digests
 from dbb_orchestration.digests.send import SendReport, send_due_digests
 from dbb_orchestration.email.sender import RecordingSender
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
 from dbb_orchestration_tests.conftest import resend_sender
+from dbb_orchestration_tests.digests.test_batches import PARTITION, _world, hourly_job
+from dbb_orchestration_tests.digests.test_defs import env, query, seed
 from dbb_orchestration_tests.digests.test_exactly_once import (
     KEYRING,
     NOW,
@@ -204,3 +212,48 @@ def test_replays_go_in_pages_each_batch_under_its_recorded_key(
     assert len(fake_resend.sent) == 4 and set(statuses(engine).values()) == {"sent"}
     assert sorted(i for i in provider_ids(engine).values() if i) == sorted(d.id for d in fake_resend.sent)
     assert sorted(provider_ids(engine)) == sorted(ids)
+
+
+@pytest.mark.postgres
+def test_the_hourly_job_replays_a_batch_spanning_its_batch_steps_once(
+    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through Dagster, batch steps of 2 users in child processes: the killed run's one batch of 6
+    digests spans three steps, whose replays race; the batch claim lets exactly one resend it."""
+    seed(postgres_url, _world)
+    fake = FakeResend()
+    fake.start()
+    try:
+        values = {**env(postgres_url, fake), "DIGEST_USERS_PER_STEP": "2"}
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        settings = Settings.from_env(values)
+        engine = create_db_engine(postgres_url, poolclass=sa.pool.NullPool)
+        try:
+            generate_digests(engine, NOW, settings)
+            with pytest.raises(SimulatedKill):
+                dying = KilledAfterAccept(resend_sender(fake), after=1)
+                send_due_digests(engine, dying, settings, NOW, settings.now)
+            (key,) = {r.idempotency_key for r in fake.requests}
+            assert len(fake.sent) == 6
+        finally:
+            engine.dispose()
+        fake.set_delay(0.2)  # the winning step is still with the provider while the others look
+        with (
+            dg.instance_for_test(temp_dir=str(tmp_path)) as instance,
+            dg.execute_job(
+                dg.reconstructable(hourly_job),
+                instance=instance,
+                run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 3}}}},
+                tags={"dagster/partition": PARTITION},
+            ) as result,
+        ):
+            assert result.success
+            sent = result.output_for_node(SUMMARY_OP, "sent")
+    finally:
+        fake.stop()
+    assert sent == 6
+    assert [r.idempotency_key for r in fake.requests] == [key, key]  # the killed request, one replay
+    assert len(fake.sent) == 6 and len({d.to[0] for d in fake.sent}) == 6
+    statuses_ = [r.status for r in query(postgres_url, sa.select(t.note_digests.c.status))]
+    assert statuses_.count("sent") == 6
