@@ -2,49 +2,71 @@
 **claim → commit → send → record**, with no database transaction or row lock held while a provider
 call is in flight (docs/behaviour.md §6, §7; docs/operations.md "Delivery").
 
-Per page of verified users (keyset pagination, ``DIGEST_BATCH_SIZE``), a bounded number of statements:
+A run holds **one connection** for its whole length. On Postgres its session gets
+``lock_timeout = DIGEST_LOCK_TIMEOUT_SECONDS`` when the run starts (restored when it ends), so no
+statement of the run waits longer than that for a lock, and the run's per-user claims are *session*
+advisory locks on that same connection (they survive its commits and vanish with it if the process
+dies). Between transactions the connection holds no transaction.
 
-1. **Due** (a short read): users, settings, Pro flag and last sends → the pure :func:`due_check`.
-2. **Claim per user.** On Postgres each due user is claimed with a *session* advisory lock
-   (``pg_try_advisory_lock(namespace, crc32(user id))``, all users in one statement) taken on a
-   dedicated autocommit connection that holds no transaction. ``try`` never waits: a user claimed by
-   another run (the hourly job and a first-digest run, two overlapping partitions, a rerun) is
-   skipped and counted ``claimed_elsewhere``. The claim is held until this run has recorded the
-   user's outcome, and vanishes with the connection if the process dies. Why advisory locks rather
-   than a claim column: the backend owns the schema (no new column or table), and a lock that dies
-   with its holder needs no expiry rule.
-3. **Prepare** (one short transaction, ``lock_timeout`` set): under the claim, the last send is read
-   again and :func:`due_check` re-run (so a digest recorded by the run that held the claim before us
-   makes the user ``already_sent_today``; a send recorded after a backfilled hour makes it
-   ``interval_not_elapsed``). Pending digests are read twice, plainly and ``FOR UPDATE SKIP LOCKED``:
-   a user with any row held by another transaction (the backend, say) is skipped and counted
-   ``locked_elsewhere``, never waited on. The chosen digests are grouped into Resend batches of at
-   most ``EMAIL_BATCH_SIZE`` and each digest's ``payload_json`` records ``delivery`` = batch key,
-   index, size, member ids and the time — **before** any call. Commit.
+**Replay first.** Before its first page a run looks, in one statement, for pending digests of its users
+(its user range, or its one user) that carry a live ``delivery`` marker: handed to the provider less
+than 24 h ago (Resend's key lifetime), outcome not recorded (a process killed between send and record,
+a timeout, a deferred record). For each such recorded batch it claims the batch
+(``pg_try_advisory_lock`` on the batch key: when two batch steps of one hourly run find the same batch,
+one replays it and the other skips it, counted ``batch_in_flight_elsewhere``), then every member's user
+**by digest id, whatever page or user range they fall in**, and sends the members still pending again
+in their recorded order under the recorded key: the identical request returns the first ids; a request
+that differs (a member recorded meanwhile, a title renamed) is answered 409
+``invalid_idempotent_request``, which proves the key's batch was accepted, so the members are recorded
+``sent`` without ids. A batch is replayed whole or not at all: when a member's user is claimed by
+another run (``claimed_elsewhere``) or a member's row is held by another transaction
+(``locked_elsewhere``), the batch waits for a later run. A replayed digest supersedes its user's older
+``scheduled`` digests like any sent digest. When nothing is in flight the replay costs that one
+statement.
+
+Then, per page of sendable users (keyset pagination, ``DIGEST_BATCH_SIZE``), a bounded number of
+statements:
+
+1. **Due** (one statement): users, settings, Pro flag, newest send and newest in-flight marker → the
+   pure :func:`due_check`. A due user with a live in-flight digest is not claimed (the replay owns it;
+   counted ``batch_in_flight_elsewhere``): nothing is ever sent to them under a new key while an older
+   key may have delivered.
+2. **Claim per user** (one statement, which also releases the previous page's claims). Each due user is
+   claimed with ``pg_try_advisory_lock(namespace, crc32(user id))``. ``try`` never waits: a user
+   claimed by another run (the hourly job and a first-digest run, two overlapping partitions, a rerun)
+   is skipped and counted ``claimed_elsewhere``. Why advisory locks rather than a claim column: the
+   backend owns the schema (no new column or table), and a lock that dies with its holder needs no
+   expiry rule.
+3. **Prepare** (in the same short transaction): under the claim, ONE statement locks the users' pending
+   digests ``FOR UPDATE SKIP LOCKED`` and, alongside, returns the users of pending rows it skipped and
+   the newest sends again. :func:`due_check` is re-run on those sends (so a digest recorded by the run
+   that held the claim before us makes the user ``already_sent_today``; a send recorded after a
+   backfilled hour makes it ``interval_not_elapsed``); a user with any row held by another transaction
+   (the backend, say) is skipped and counted ``locked_elsewhere``, never waited on. Then the items
+   (one statement), for first digests their source and note count (one statement), and the chosen
+   digests are grouped into Resend batches of at most ``EMAIL_BATCH_SIZE`` whose batch key, index,
+   size, member ids and time go into each digest's ``payload_json`` (one statement) — **before** any
+   call. Commit.
 4. **Send** (no transaction): render, then one ``POST /emails/batch`` per batch under its key
    (``batch_validation: permissive``), batches in parallel on ``EMAIL_MAX_CONCURRENCY`` threads, each
    request paced by the team-wide pacer and bounded by the sender's timeout, retries and circuit
    breaker.
-5. **Record** (one short transaction, ``lock_timeout`` set): review states of delivered items (from
-   the time the provider accepted the email), every digest's status, guarded by ``status IN
-   ('scheduled', 'failed')``. If a row is locked by someone else meanwhile, the page is recorded
-   user by user in savepoints and a user whose rows stay locked is counted ``record_deferred`` (left
-   pending with its batch key: the next run proves the delivery, below). Then the claims are released.
+5. **Record** (one short transaction, one statement on Postgres): every digest's status, guarded by
+   ``status IN ('scheduled', 'failed')``, and the review states of the items of the digests that
+   update actually recorded (the interval merged with the existing one in SQL, next due from the time
+   the provider accepted the email). If a row is locked by someone else meanwhile (``lock_timeout``),
+   the page is recorded user by user in savepoints and a user whose rows stay locked is counted
+   ``record_deferred`` (left pending with its batch key: the next run's replay proves the delivery).
 
-**Exactly once after a crash.** A process killed between 4 and 5 leaves its digests pending with a
-``delivery`` marker. The next run within 24 h (Resend's key lifetime), whatever its hour — a user
-with such a digest is claimed to resolve it even when not due — sends it again in its recorded
-batch, under the recorded key: when every member still pending is in this run, the
-members go out in their recorded order — the identical request returns the first ids; a request that
-differs (a member recorded meanwhile, a title renamed) is answered 409 ``invalid_idempotent_request``,
-which proves the key's batch was accepted, so the members are recorded ``sent`` without ids. When a
-member still pending belongs to another run's claim, the group waits (``batch_in_flight_elsewhere``).
+A page without due users costs its one read (and, right after a page with claims, the release of those
+claims); one where no user could be claimed no further statement.
+
 A per-email validation error, a render failure or a non-retryable refusal clears the marker (the
 email was not accepted); a timeout, 5xx or an open breaker keeps it (it may have been).
 
-**Bounded time.** When the circuit breaker opens, every remaining claimed digest of the page is
-recorded ``failed`` (``reason: provider_unavailable``, retryable), no further page is started and
-:class:`ProviderUnavailableError` fails the op with a clear message.
+**Bounded time.** When the circuit breaker opens, every remaining claimed digest of the page (or of the
+replay) is recorded ``failed`` (``reason: provider_unavailable``, retryable), no further page is
+started and :class:`ProviderUnavailableError` fails the op with a clear message.
 
 SQLite (local runs and the demo, one process) has no advisory or row locks: claims always succeed and
 the guarded record plus the provider keys keep each digest to one delivery.
@@ -58,7 +80,6 @@ import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -72,23 +93,26 @@ from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.digests.generate import UserPlan, user_plan
 from dbb_orchestration.digests.queries import (
     PENDING_STATUSES,
+    ClaimedDigests,
+    DeliveryUser,
     DigestRow,
     ItemRow,
+    ReviewBounds,
     UserRow,
-    load_active_sources,
-    load_digest_statuses,
-    load_document_counts,
+    load_delivery_users,
+    load_digests,
+    load_first_digest_facts,
     load_items,
-    load_last_sends,
-    load_marked_pending,
-    load_pending_digests,
+    load_marked_in_scope,
     load_review_states,
-    load_user_batch,
-    lock_pending_digests,
+    lock_claimed_digests,
+    record_outcomes_postgres,
 )
 from dbb_orchestration.digests.send import (
     DEFAULT_EASE_FACTOR,
     EMPTY_SNAPSHOT,
+    MAX_REVIEW_INTERVAL,
+    MIN_REVIEW_INTERVAL,
     NO_PENDING,
     SUPERSEDED,
     DueCheck,
@@ -115,6 +139,7 @@ from dbb_orchestration.redaction import scrub, scrub_json
 from dbb_orchestration.timing import as_utc
 
 __all__ = [
+    "BATCH_CLAIM_NAMESPACE",
     "CLAIM_NAMESPACE",
     "IN_FLIGHT_TTL",
     "MARKER",
@@ -123,17 +148,19 @@ __all__ = [
     "claim_key",
     "deliver_due_digests",
     "in_flight_marker",
+    "superseded_by",
 ]
 
 CLAIM_NAMESPACE = 0x64626273  # "dbbs": the advisory-lock namespace of per-user send claims
+BATCH_CLAIM_NAMESPACE = 0x64626262  # "dbbb": the advisory-lock namespace of batch replay claims
 IN_FLIGHT_TTL = timedelta(hours=24)  # Resend keeps an idempotency key 24 hours
 MARKER = "delivery"
 CLAIMED_ELSEWHERE = "claimed_elsewhere"
 LOCKED_ELSEWHERE = "locked_elsewhere"
 BATCH_ELSEWHERE = "batch_in_flight_elsewhere"
 RECORD_DEFERRED = "record_deferred"
-IN_FLIGHT = "in_flight"
 _LOCK_NOT_AVAILABLE = "55P03"
+_REVIEW_BOUNDS = ReviewBounds(MIN_REVIEW_INTERVAL, MAX_REVIEW_INTERVAL, DEFAULT_EASE_FACTOR)
 
 
 class ProviderUnavailableError(RuntimeError):
@@ -151,10 +178,10 @@ class ProviderUnavailableError(RuntimeError):
 # ----------------------------------------------------------------------------------------- pure helpers
 
 
-def claim_key(user_id: str) -> int:
-    """The int4 advisory-lock key of a user's send claim (CRC-32 of the id, signed)."""
-    value = zlib.crc32(user_id.encode("utf-8"))
-    return value - (1 << 32) if value >= (1 << 31) else value
+def claim_key(value: str) -> int:
+    """The int4 advisory-lock key of a claim on ``value`` (a user id or a batch key): CRC-32, signed."""
+    crc = zlib.crc32(value.encode("utf-8"))
+    return crc - (1 << 32) if crc >= (1 << 31) else crc
 
 
 def batch_key() -> str:
@@ -170,38 +197,34 @@ def in_flight_marker(payload: Any, real_now: datetime) -> dict[str, Any] | None:
     marker = payload.get(MARKER)
     if not isinstance(marker, dict) or not isinstance(marker.get("batch_key"), str):
         return None
+    return marker if _live(marker.get("prepared_at"), real_now) else None
+
+
+def _live(prepared_at: Any, real_now: datetime) -> bool:
+    """A marker's ``prepared_at`` (ISO text) less than 24 h before ``real_now``; junk → False."""
     try:
-        prepared = datetime.fromisoformat(str(marker.get("prepared_at")))
+        prepared = datetime.fromisoformat(str(prepared_at))
     except ValueError:
-        return None
-    if prepared.tzinfo is None or real_now - prepared >= IN_FLIGHT_TTL:
-        return None
-    return marker
+        return False
+    return prepared.tzinfo is not None and real_now - prepared < IN_FLIGHT_TTL
 
 
-def choose_for_delivery(
-    pending: Sequence[DigestRow], real_now: datetime
-) -> tuple[DigestRow | None, list[DigestRow]]:
-    """:func:`choose_pending`, except that a digest already handed to the provider (an in-flight
-    marker) is resolved first: the newest such digest is the one to send and only older
-    ``scheduled`` digests are superseded by it."""
-    in_flight = [d for d in pending if _is_in_flight(d, real_now)]
-    if not in_flight:
-        return choose_pending(pending)
-    newest, _ = choose_pending(in_flight)
-    assert newest is not None
-    return newest, sorted((d for d in pending if _superseded_by(d, newest)), key=lambda d: d.id)
+def superseded_by(
+    member: DigestRow, pending: Sequence[DigestRow], keep: Iterable[int] = ()
+) -> list[DigestRow]:
+    """The user's older ``scheduled`` digests (by scheduled day, creation, id) that a replayed in-flight
+    ``member`` supersedes once it is recorded sent; ``failed`` ones, newer ones and the digests of
+    ``keep`` (replayed themselves) are left alone."""
+    kept = set(keep)
+    return sorted(
+        (d for d in pending if d.id not in kept and _older_scheduled(d, member)), key=lambda d: d.id
+    )
 
 
-def _is_in_flight(d: DigestRow, real_now: datetime) -> bool:
-    return d.scheduled_for is not None and in_flight_marker(d.payload_json, real_now) is not None
-
-
-def _superseded_by(d: DigestRow, newest: DigestRow) -> bool:
-    """An older ``scheduled`` digest that the in-flight ``newest`` replaces."""
+def _older_scheduled(d: DigestRow, newest: DigestRow) -> bool:
     if d.id == newest.id or d.status != "scheduled" or d.scheduled_for is None:
         return False
-    return _order(d) < _order(newest)
+    return newest.scheduled_for is not None and _order(d) < _order(newest)
 
 
 def _order(d: DigestRow) -> tuple[datetime, datetime, int]:
@@ -214,58 +237,92 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(items[start : start + max(1, size)])
 
 
-# ------------------------------------------------------------------------------------------ the claims
+# ------------------------------------------------------------------------------------------ the session
+
+_CLAIM_AND_RELEASE = sa.text(
+    "SELECT c.ns, c.v FROM unnest(CAST(:nss AS int[]), CAST(:vals AS text[]), CAST(:keys AS int[])) "
+    "AS c(ns, v, k) WHERE pg_try_advisory_lock(c.ns, c.k) "
+    "UNION ALL "
+    "SELECT NULL, NULL FROM unnest(CAST(:rnss AS int[]), CAST(:rkeys AS int[])) AS r(ns, k) "
+    "WHERE NOT pg_advisory_unlock(r.ns, r.k)"
+)
 
 
-class _Claims:
-    """Per-user send claims: session advisory locks on one dedicated autocommit connection (Postgres);
-    always granted on SQLite."""
+class _Session:
+    """The run's one connection and its claims (see the module docstring). Postgres: ``lock_timeout``
+    for the session, restored by :meth:`close`; claims are session advisory locks, released in the
+    next claim statement (:meth:`release_later`) or by :meth:`close`. SQLite: claims always granted."""
 
-    def __init__(self, engine: sa.Engine) -> None:
-        self._conn: sa.Connection | None = None
-        if is_postgres(engine):
-            self._conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    def __init__(self, engine: sa.Engine, settings: Settings) -> None:
+        self.conn = engine.connect()
+        self.postgres = is_postgres(engine)
+        self._release: list[tuple[int, int]] = []
+        self._restore: str | None = None
+        if self.postgres:
+            ms = max(1, int(settings.digest_lock_timeout_seconds * 1000))
+            try:
+                with self.conn.begin():
+                    self._restore = self.conn.execute(
+                        sa.text(
+                            "SELECT current_setting('lock_timeout'), set_config('lock_timeout', :ms, false)"
+                        ),
+                        {"ms": str(ms)},
+                    ).scalar_one()
+            except BaseException:
+                self.conn.invalidate()  # its session state is unknown: never back into the pool
+                self.conn.close()
+                raise
 
-    def try_claim(self, user_ids: Sequence[str]) -> set[str]:
-        if self._conn is None or not user_ids:
-            return set(user_ids)
-        rows = self._conn.execute(
-            sa.text(
-                "SELECT u FROM unnest(CAST(:uids AS text[]), CAST(:keys AS int[])) AS c(u, k) "
-                "WHERE pg_try_advisory_lock(:ns, k)"
-            ),
-            {"uids": list(user_ids), "keys": [claim_key(u) for u in user_ids], "ns": CLAIM_NAMESPACE},
+    def claim(
+        self, user_ids: Sequence[str] = (), batch_keys: Sequence[str] = ()
+    ) -> tuple[set[str], set[str]]:
+        """Try to claim these users and batch keys (never waits) and release the claims queued by
+        :meth:`release_later`: one statement, none when there is nothing to do. Returns the users and
+        the batch keys claimed."""
+        wanted = [(CLAIM_NAMESPACE, uid) for uid in user_ids] + [
+            (BATCH_CLAIM_NAMESPACE, k) for k in batch_keys
+        ]
+        release, self._release = self._release, []
+        if not self.postgres:
+            return set(user_ids), set(batch_keys)
+        if not wanted and not release:
+            return set(), set()
+        nss, values = zip(*wanted, strict=True) if wanted else ((), ())
+        rnss, rkeys = zip(*release, strict=True) if release else ((), ())
+        params = {"nss": list(nss), "vals": list(values), "keys": [claim_key(v) for v in values]}
+        rows = self.conn.execute(
+            _CLAIM_AND_RELEASE, {**params, "rnss": list(rnss), "rkeys": list(rkeys)}
         ).all()
-        return {r.u for r in rows}
+        got = {(r.ns, r.v) for r in rows}
+        return _claimed(got, CLAIM_NAMESPACE), _claimed(got, BATCH_CLAIM_NAMESPACE)
 
-    def release(self, user_ids: Iterable[str]) -> None:
-        ids = list(user_ids)
-        if self._conn is None or not ids:
-            return
-        self._conn.execute(
-            sa.text("SELECT pg_advisory_unlock(:ns, k) FROM unnest(CAST(:keys AS int[])) AS c(k)"),
-            {"keys": [claim_key(u) for u in ids], "ns": CLAIM_NAMESPACE},
-        )
+    def release_later(self, user_ids: Iterable[str] = (), batch_keys: Iterable[str] = ()) -> None:
+        """Queue these claims for release with the next claim statement (or :meth:`close`)."""
+        self._release += [(CLAIM_NAMESPACE, claim_key(uid)) for uid in user_ids]
+        self._release += [(BATCH_CLAIM_NAMESPACE, claim_key(key)) for key in batch_keys]
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
+        """Release every claim, restore ``lock_timeout`` (one statement) and return the connection; if
+        that fails, the connection is discarded instead (which also ends its claims)."""
+        conn = self.conn
         try:
-            if not conn.invalidated:
-                conn.execute(sa.text("SELECT pg_advisory_unlock_all()"))
+            if conn.in_transaction():
+                conn.rollback()
+            if self.postgres and not conn.invalidated:
+                with conn.begin():
+                    conn.execute(
+                        sa.text("SELECT pg_advisory_unlock_all(), set_config('lock_timeout', :old, false)"),
+                        {"old": self._restore or "0"},
+                    )
+        except BaseException:
+            conn.invalidate()
+            raise
         finally:
             conn.close()
 
 
-@contextmanager
-def _short_transaction(engine: sa.Engine, settings: Settings) -> Iterator[sa.Connection]:
-    """A transaction whose lock waits are bounded by ``DIGEST_LOCK_TIMEOUT_SECONDS`` (Postgres)."""
-    with engine.begin() as conn:
-        if is_postgres(conn):
-            ms = max(1, int(settings.digest_lock_timeout_seconds * 1000))
-            conn.exec_driver_sql(f"SET LOCAL lock_timeout = {ms}")
-        yield conn
+def _claimed(got: set[tuple[Any, Any]], namespace: int) -> set[str]:
+    return {value for ns, value in got if ns == namespace}
 
 
 def _is_lock_timeout(exc: BaseException) -> bool:
@@ -308,6 +365,23 @@ class _Delivery:
     issues: Counter[str] = field(default_factory=Counter)
 
 
+@dataclass
+class _Run:
+    """What every step of one run shares."""
+
+    session: _Session
+    sender: EmailSender
+    settings: Settings
+    pool: ThreadPoolExecutor
+    now: datetime  # the logical time
+    clock: Callable[[], datetime]  # the location's clock (acceptance times, marker ages)
+    first_digest_bypass: bool
+    report: SendReport
+
+    def real_now(self) -> datetime:
+        return as_utc(self.clock(), "clock()")
+
+
 # ------------------------------------------------------------------------------------------- the run
 
 
@@ -323,196 +397,360 @@ def deliver_due_digests(
 ) -> SendReport:
     """See :func:`dbb_orchestration.digests.send.send_due_digests` and the module docstring."""
     now = as_utc(now, "now")
-    real_clock = clock or settings.now
     report = SendReport(logical_time=now, dry_run=sender.provider == "dry-run")
-    after, upto = user_range
-    claims = _Claims(engine)
+    session = _Session(engine, settings)
     try:
         with ThreadPoolExecutor(max_workers=max(1, settings.email_max_concurrency)) as pool:
-            while True:
-                with engine.connect() as conn:
-                    users = load_user_batch(
-                        conn,
-                        after=after,
-                        upto=upto,
-                        limit=settings.digest_batch_size,
-                        verified_only=True,
-                        only_user_id=only_user_id,
-                    )
-                    if not users:
-                        break
-                    after = users[-1].id
-                    report.batches += 1
-                    report.users_considered += len(users)
-                    plans = {row.id: user_plan(row, settings.deployment_mode) for row in users}
-                    in_flight = _in_flight_users(conn, list(plans), real_clock)
-                    due = _due_users(
-                        conn,
-                        plans,
-                        now,
-                        first_digest_bypass,
-                        report,
-                        count=True,
-                        in_flight=in_flight,
-                        wall=real_clock(),
-                    )
-                wanted = sorted(due)
-                claimed = claims.try_claim(wanted)
-                if len(claimed) < len(wanted):
-                    report.skipped[CLAIMED_ELSEWHERE] += len(wanted) - len(claimed)
-                try:
-                    if claimed:
-                        _run_page(
-                            engine, sender, settings, pool, users, plans, claimed, now, real_clock,
-                            first_digest_bypass, report, in_flight,
-                        )  # fmt: skip
-                finally:
-                    claims.release(claimed)
-                if report.provider_unavailable:
-                    raise ProviderUnavailableError(report)
-                if len(users) < settings.digest_batch_size:
-                    break
+            run = _Run(
+                session, sender, settings, pool, now, clock or settings.now, first_digest_bypass, report
+            )
+            _replay_in_flight(run, user_range, only_user_id)
+            after: str | None = user_range[0]
+            while after is not _DONE:
+                after = _deliver_page(run, after, user_range[1], only_user_id)
     finally:
-        claims.close()
+        session.close()
     return report
 
 
-def _in_flight_users(conn: sa.Connection, user_ids: Sequence[str], clock: Callable[[], datetime]) -> set[str]:
-    """Users (of ``user_ids``) with a pending digest handed to the provider less than 24 h ago: whatever
-    the hour, such a digest is resolved (replayed under its key) before anything else is sent to
-    them, so an unrecorded delivery is proven rather than repeated under a new key after the key
-    expired. One statement."""
-    real_now = as_utc(clock(), "clock()")
-    return {
-        uid for uid, payload in load_marked_pending(conn, user_ids) if in_flight_marker(payload, real_now)
-    }
+_DONE: Any = object()  # _deliver_page's answer when no page follows
 
 
-def _due_users(
-    conn: sa.Connection,
-    plans: dict[str, UserPlan],
-    now: datetime,
-    first_digest_bypass: bool,
+def _skip(report: SendReport, reason: str, count: int) -> None:
+    if count:
+        report.skipped[reason] += count
+
+
+def _check_breaker(report: SendReport) -> None:
+    if report.provider_unavailable:
+        raise ProviderUnavailableError(report)
+
+
+def _deliver_and_record(run: _Run, page: _Page) -> None:
+    """Send the page's batches and record every outcome (nothing to send: record the page's own
+    updates, if any)."""
+    if not page.batches and not page.updates:
+        return
+    deliveries = (
+        _send(page, run.sender, run.settings, run.pool, run.clock, run.report) if page.batches else []
+    )
+    _record(run, page, deliveries)
+
+
+# ------------------------------------------------------------------------------------- replay first
+
+
+def _replay_in_flight(run: _Run, user_range: tuple[str | None, str | None], only_user_id: str | None) -> None:
+    """Resend every recorded batch in flight for this run's users under its key, claiming all its
+    members by digest id (module docstring, "Replay first"), about ``DIGEST_BATCH_SIZE`` members at a
+    time. One statement when nothing is in flight."""
+    conn, real_now = run.session.conn, run.real_now()
+    with conn.begin():
+        marked = load_marked_in_scope(
+            conn, after=user_range[0], upto=user_range[1], only_user_id=only_user_id
+        )
+        live = [d for d in marked if in_flight_marker(d.payload_json, real_now) is not None]
+        member_ids = {d.id for d in live} | {i for d in live for i in _batch_ids(d, real_now)}
+        groups = _replay_groups(load_digests(conn, sorted(member_ids)), real_now) if live else {}
+    for chunk in _group_chunks(groups, run.settings.digest_batch_size):
+        _replay_chunk(run, chunk, real_now)
+
+
+def _group_chunks(groups: dict[str, _Group], size: int) -> Iterator[dict[str, _Group]]:
+    """The groups in chunks of about ``size`` members (a group is never split)."""
+    chunk: dict[str, _Group] = {}
+    for key, group in groups.items():
+        if chunk and sum(map(len, chunk.values())) + len(group) > size:
+            yield chunk
+            chunk = {}
+        chunk[key] = group
+    if chunk:
+        yield chunk
+
+
+def _replay_chunk(run: _Run, groups: dict[str, _Group], real_now: datetime) -> None:
+    """Claim the batches and their members' users, prepare, commit; send; record; release."""
+    conn = run.session.conn
+    claimed: tuple[set[str], set[str]] = (set(), set())
+    try:
+        with conn.begin():
+            groups, claimed = _claim_groups(run, groups)
+            page = _prepare_replay(run, groups, real_now) if groups else _Page()
+        _deliver_and_record(run, page)
+    finally:
+        run.session.release_later(*claimed)
+    _check_breaker(run.report)
+
+
+def _batch_ids(d: DigestRow, real_now: datetime) -> list[int]:
+    marker = in_flight_marker(d.payload_json, real_now) or {}
+    return [int(i) for i in marker.get("batch_ids") or [] if isinstance(i, int)]
+
+
+_Group = list[tuple[int, DigestRow]]  # a recorded batch's members still pending: (recorded index, digest)
+
+
+def _replay_groups(members: Sequence[DigestRow], real_now: datetime) -> dict[str, _Group]:
+    """The members still pending under a live marker, grouped by batch key in recorded order."""
+    groups: dict[str, _Group] = {}
+    for d in members:
+        marker = in_flight_marker(d.payload_json, real_now) if d.status in PENDING_STATUSES else None
+        if marker is not None:
+            groups.setdefault(marker["batch_key"], []).append((int(marker.get("batch_index") or 0), d))
+    return {key: sorted(group, key=lambda m: (m[0], m[1].id)) for key, group in groups.items()}
+
+
+def _claim_groups(
+    run: _Run, groups: dict[str, _Group]
+) -> tuple[dict[str, _Group], tuple[set[str], set[str]]]:
+    """Claim each batch (one statement), then the users of every member of the batches won (one more):
+    the batches whose users are all claimed, and the claims taken (users, batch keys)."""
+    report = run.report
+    won = run.session.claim(batch_keys=sorted(groups))[1]
+    users = run.session.claim(sorted({d.user_id for key in won for _i, d in groups[key]}))[0]
+    ready: dict[str, _Group] = {}
+    for key, group in groups.items():
+        if key not in won:
+            report.skipped[BATCH_ELSEWHERE] += len(group)
+        elif any(d.user_id not in users for _i, d in group):
+            report.skipped[CLAIMED_ELSEWHERE] += len(group)
+        else:
+            ready[key] = group
+    return ready, (users, won)
+
+
+_Replay = list[tuple[_Batch, list[DigestRow]]]  # the batches to replay with their locked members
+
+
+def _prepare_replay(run: _Run, groups: dict[str, _Group], real_now: datetime) -> _Page:
+    """Under the claims: lock the members' rows (a batch with a member held elsewhere waits whole), load
+    what their emails show and form the batches under their recorded keys."""
+    conn = run.session.conn
+    user_ids = sorted({d.user_id for group in groups.values() for _i, d in group})
+    users = {u.row.id: u for u in load_delivery_users(conn, user_ids=user_ids)}
+    state = lock_claimed_digests(conn, user_ids, max(run.now, real_now))
+    page = _Page()
+    replay = _replay_batches(groups, state, users, page, real_now, run.report)
+    _replay_jobs(run, page, replay, users, state, real_now)
+    return page
+
+
+def _replay_jobs(
+    run: _Run,
+    page: _Page,
+    replay: _Replay,
+    users: dict[str, DeliveryUser],
+    state: ClaimedDigests,
+    real_now: datetime,
+) -> None:
+    """The replay batches' jobs (what each email shows, loaded in two statements), markers and
+    superseded digests."""
+    conn = run.session.conn
+    members = [d for _batch, digests in replay for d in digests]
+    items = load_items(conn, [d.id for d in members])
+    first = {d.user_id for d in members if users[d.user_id].last_sent_at is None}
+    facts = load_first_digest_facts(conn, sorted(first))
+    replayed = {d.id for d in members}
+    for batch, digests in replay:
+        for d in digests:
+            row = users[d.user_id].row
+            plan = user_plan(row, run.settings.deployment_mode)
+            batch.jobs.append(_job(row, plan, d, items.get(d.id, []), d.user_id in first, facts))
+        _note_replayed(page, digests, state, replayed, real_now)
+
+
+def _note_replayed(
+    page: _Page, digests: Sequence[DigestRow], state: ClaimedDigests, replayed: set[int], real_now: datetime
+) -> None:
+    """Each replayed digest's recorded marker (kept when it is recorded) and the older digests it
+    supersedes once sent."""
+    for d in digests:
+        page.markers[d.id] = in_flight_marker(d.payload_json, real_now) or {}
+        page.older[d.user_id] = superseded_by(d, state.pending_of(d.user_id), replayed)
+
+
+def _replay_batches(
+    groups: dict[str, _Group],
+    state: ClaimedDigests,
+    users: dict[str, DeliveryUser],
+    page: _Page,
+    real_now: datetime,
     report: SendReport,
+) -> _Replay:
+    """The page's replay batches (added to ``page``) with their members as locked; a batch with a member
+    held by another transaction is left for a later run (counted ``locked_elsewhere``)."""
+    mine = {d.id: d for d in state.pending}
+    replay: _Replay = []
+    for key, group in groups.items():
+        digests = _lockable(key, group, mine, state.held_elsewhere, users, real_now)
+        if digests is None:
+            report.skipped[LOCKED_ELSEWHERE] += len(group)
+        elif digests:
+            page.batches.append(_Batch(key, [], replay=True))
+            replay.append((page.batches[-1], digests))
+    return replay
+
+
+def _lockable(
+    key: str,
+    group: _Group,
+    mine: dict[int, DigestRow],
+    held: set[str],
+    users: dict[str, DeliveryUser],
+    real_now: datetime,
+) -> list[DigestRow] | None:
+    """A batch's members to replay, as locked: ``None`` when a member's row is held by another
+    transaction (the batch waits whole); members recorded meanwhile, re-marked, or whose user is no
+    longer sendable are left out (the request then differs: the provider's 409 proves the batch)."""
+    out: list[DigestRow] = []
+    for _index, d in group:
+        locked = mine.get(d.id)
+        if locked is None:
+            if d.user_id in held:
+                return None
+            continue
+        marker = in_flight_marker(locked.payload_json, real_now)
+        if marker is not None and marker["batch_key"] == key and d.user_id in users:
+            out.append(locked)
+    return out
+
+
+def _job(
+    row: UserRow,
+    plan: UserPlan,
+    digest: DigestRow,
+    items: Sequence[ItemRow],
+    first: bool,
+    facts: tuple[dict[str, tuple[str, str | None]], dict[str, int]],
+) -> SendJob:
+    sources, counts = facts
+    return SendJob(
+        user=row,
+        plan=plan,
+        digest=digest,
+        items=tuple(items),
+        first=first,
+        source=sources.get(row.id),
+        total_notes=counts.get(row.id, 0),
+    )
+
+
+# ------------------------------------------------------------------------------------------ the pages
+
+
+def _deliver_page(run: _Run, after: str | None, upto: str | None, only_user_id: str | None) -> Any:
+    """One page: read and check due (one statement), claim, prepare, commit; send; record. Returns the
+    next page's ``after``, or ``_DONE``."""
+    conn, report, limit = run.session.conn, run.report, run.settings.digest_batch_size
+    claimed: set[str] = set()
+    try:
+        with conn.begin():
+            loaded = load_delivery_users(
+                conn, after=after, upto=upto, limit=limit + 1, only_user_id=only_user_id
+            )
+            users = loaded[:limit]
+            if not users:
+                return _DONE
+            report.batches += 1
+            report.users_considered += len(users)
+            plans = {u.row.id: user_plan(u.row, run.settings.deployment_mode) for u in users}
+            wanted = _wanted(run, users, plans)
+            claimed = run.session.claim(wanted)[0]
+            _skip(report, CLAIMED_ELSEWHERE, len(wanted) - len(claimed))
+            page = _prepare(run, users, plans, claimed) if claimed else _Page()
+        _deliver_and_record(run, page)
+    finally:
+        run.session.release_later(claimed)
+    _check_breaker(report)
+    return users[-1].row.id if len(loaded) > limit else _DONE
+
+
+def _wanted(run: _Run, users: Sequence[DeliveryUser], plans: dict[str, UserPlan]) -> list[str]:
+    """The page's due users to claim (plan issues and reasons counted); a due user with a live in-flight
+    digest is left to the replay (counted ``batch_in_flight_elsewhere``)."""
+    real_now = run.real_now()
+    last_sends = {u.row.id: u.last_sent_at for u in users if u.last_sent_at is not None}
+    checks = _due_checks(run, plans, last_sends, count=True, wall=real_now)
+    in_flight = {u.row.id for u in users if u.marked_at is not None and _live(u.marked_at, real_now)}
+    _skip(run.report, BATCH_ELSEWHERE, len(in_flight & set(checks)))
+    return sorted(set(checks) - in_flight)
+
+
+def _due_checks(
+    run: _Run,
+    plans: dict[str, UserPlan],
+    last_sends: dict[str, datetime],
     *,
     count: bool,
-    in_flight: set[str] | None = None,
-    wall: datetime | None = None,
+    wall: datetime,
 ) -> dict[str, DueCheck]:
-    """:func:`due_check` for every user of ``plans`` against their last send (one statement). With
-    ``count`` the plan issues are added to the report (the first check of a page only). A user of
-    ``in_flight`` who is not due is kept with reason ``in_flight`` (to resolve that digest only).
-    ``wall`` (the location's clock) applies the catch-up rule of :func:`due_check`."""
-    last_sends = load_last_sends(conn, list(plans))
+    """:func:`due_check` for every user of ``plans`` against their last send: the due users. With
+    ``count`` the plan issues are added to the report (the first check of a page only). ``wall`` (the
+    location's clock) applies the catch-up rule of :func:`due_check`."""
+    report = run.report
     checks: dict[str, DueCheck] = {}
     for uid, plan in plans.items():
         if count:
             report.data_issues.update(plan.issues)
-        last = last_sends.get(uid)
-        check = due_check(plan, last, now, first_digest_bypass=first_digest_bypass, wall=wall)
+        check = due_check(
+            plan, last_sends.get(uid), run.now, first_digest_bypass=run.first_digest_bypass, wall=wall
+        )
         if check.reason == "invalid_send_hour" and count:
             report.data_issues["invalid_send_hour"] += 1
         if check.due:
             checks[uid] = check
-        elif in_flight and uid in in_flight:
-            checks[uid] = DueCheck(True, IN_FLIGHT, last is None)
         else:
             report.not_due[check.reason] += 1
     return checks
 
 
-def _run_page(
-    engine: sa.Engine,
-    sender: EmailSender,
-    settings: Settings,
-    pool: ThreadPoolExecutor,
-    users: Sequence[UserRow],
-    plans: dict[str, UserPlan],
-    claimed: set[str],
-    now: datetime,
-    clock: Callable[[], datetime],
-    first_digest_bypass: bool,
-    report: SendReport,
-    in_flight: set[str],
-) -> None:
-    with _short_transaction(engine, settings) as conn:
-        page = _prepare(
-            conn, users, plans, claimed, now, clock, settings, first_digest_bypass, report, in_flight
-        )
-    deliveries = _send(page, sender, settings, pool, clock, report)
-    _record(engine, settings, page, deliveries, clock, report)
-
-
 def _prepare(
-    conn: sa.Connection,
-    users: Sequence[UserRow],
-    plans: dict[str, UserPlan],
-    claimed: set[str],
-    now: datetime,
-    clock: Callable[[], datetime],
-    settings: Settings,
-    first_digest_bypass: bool,
-    report: SendReport,
-    in_flight: set[str],
+    run: _Run, users: Sequence[DeliveryUser], plans: dict[str, UserPlan], claimed: set[str]
 ) -> _Page:
-    """Under the claims: re-check due, lock (skipping held rows) and choose digests, load what the emails
-    show, form the batches and write their keys into the digests' payloads."""
-    real_now = as_utc(clock(), "clock()")
-    checks = _due_users(
-        conn,
-        {uid: plans[uid] for uid in sorted(claimed)},
-        now,
-        first_digest_bypass,
-        report,
-        count=False,
-        in_flight=in_flight,
-        wall=real_now,
-    )
+    """Under the claims: lock the pending digests (skipping held rows) and re-check due (one statement),
+    choose, load what the emails show, form the batches and write their keys into the digests."""
+    conn, report, real_now = run.session.conn, run.report, run.real_now()
+    ids = sorted(claimed)
+    state = lock_claimed_digests(conn, ids, run.now)
+    checks = _due_checks(run, {uid: plans[uid] for uid in ids}, state.last_sends, count=False, wall=real_now)
     report.due += len(checks)
-    chosen = _lock_and_choose(conn, checks, now, real_now, report)
+    chosen = _choose(state, checks, real_now, report)
     page = _Page()
     items = load_items(conn, [newest.id for newest, _ in chosen.values()])
     ready = _drop_empty_snapshots(chosen, items, page, report)
-    jobs = _send_jobs(conn, users, plans, checks, ready, items)
+    facts = load_first_digest_facts(conn, sorted(uid for uid in ready if checks[uid].first))
+    rows = {u.row.id: u.row for u in users}
+    jobs = [
+        _job(rows[uid], plans[uid], newest, items[newest.id], checks[uid].first, facts)
+        for uid, (newest, _older) in sorted(ready.items(), key=lambda kv: kv[1][0].id)
+    ]
     page.older = {uid: older for uid, (_newest, older) in ready.items()}
-    fresh = _plan_replays(conn, jobs, page, real_now, report)
-    _mark_fresh(conn, fresh, page, settings.email_batch_size, real_now)
+    _mark(conn, jobs, page, run.settings.email_batch_size, real_now)
     return page
 
 
-def _lock_and_choose(
-    conn: sa.Connection, checks: dict[str, DueCheck], now: datetime, real_now: datetime, report: SendReport
+def _choose(
+    state: ClaimedDigests, checks: dict[str, DueCheck], real_now: datetime, report: SendReport
 ) -> dict[str, _Choice]:
-    """Pending digests read plainly, then ``FOR UPDATE SKIP LOCKED`` (two statements); per user the
-    digest to send."""
-    ids = sorted(checks)
-    everything = load_pending_digests(conn, ids, now)
-    locked = lock_pending_digests(conn, ids, now, skip_locked=True)
-    locked_ids = {d.id for d in locked}
-    held_by_others = {d.user_id for d in everything if d.id not in locked_ids}
+    """Per due user the digest to send and the older ones it supersedes; a user with a row held by
+    another transaction, or with a digest in flight (left to a replay), is skipped and counted."""
     by_user: dict[str, list[DigestRow]] = {}
-    for digest in locked:
+    for digest in state.pending:
         by_user.setdefault(digest.user_id, []).append(digest)
     chosen: dict[str, _Choice] = {}
-    for uid in ids:
-        if uid in held_by_others:
+    for uid in sorted(checks):
+        pending = by_user.get(uid, [])
+        if uid in state.held_elsewhere:
             report.skipped[LOCKED_ELSEWHERE] += 1
-            continue
-        newest, older = choose_for_delivery(by_user.get(uid, []), real_now)
-        if _nothing_to_send(newest, checks[uid], real_now):
-            report.skipped[NO_PENDING] += 1
+        elif any(in_flight_marker(d.payload_json, real_now) is not None for d in pending):
+            report.skipped[BATCH_ELSEWHERE] += 1
         else:
-            assert newest is not None
-            chosen[uid] = (newest, older)
+            newest, older = choose_pending(pending)
+            if newest is None:
+                report.skipped[NO_PENDING] += 1
+            else:
+                chosen[uid] = (newest, older)
     return chosen
-
-
-def _nothing_to_send(newest: DigestRow | None, check: DueCheck, real_now: datetime) -> bool:
-    """No pending digest, or a user kept only to resolve an in-flight digest that was resolved
-    meanwhile (nothing in flight is left for them)."""
-    if newest is None:
-        return True
-    return check.reason == IN_FLIGHT and in_flight_marker(newest.payload_json, real_now) is None
 
 
 def _drop_empty_snapshots(
@@ -531,89 +769,11 @@ def _drop_empty_snapshots(
     return ready
 
 
-def _send_jobs(
-    conn: sa.Connection,
-    users: Sequence[UserRow],
-    plans: dict[str, UserPlan],
-    checks: dict[str, DueCheck],
-    ready: dict[str, _Choice],
-    items: dict[int, list[ItemRow]],
-) -> list[SendJob]:
-    """One job per ready user, in digest id order; a first digest also shows its source and note count."""
-    rows = {row.id: row for row in users}
-    first_ids = [uid for uid in ready if checks[uid].first]
-    sources = load_active_sources(conn, first_ids)
-    counts = load_document_counts(conn, first_ids)
-    return [
-        SendJob(
-            user=rows[uid],
-            plan=plans[uid],
-            digest=newest,
-            items=tuple(items[newest.id]),
-            first=checks[uid].first,
-            source=sources.get(uid),
-            total_notes=counts.get(uid, 0),
-        )
-        for uid, (newest, _older) in sorted(ready.items(), key=lambda kv: kv[1][0].id)
-    ]
-
-
-def _plan_replays(
-    conn: sa.Connection, jobs: list[SendJob], page: _Page, real_now: datetime, report: SendReport
-) -> list[SendJob]:
-    """Digests already handed to the provider go out again in their recorded batch when it can be
-    replayed here (one statement reads the members outside this run); returns the other, fresh jobs."""
-    replays, members, fresh = _split_in_flight(jobs, page, real_now)
-    present = {job.digest.id for job in jobs}
-    outside = sorted({i for ids_ in members.values() for i in ids_} - present)
-    statuses = load_digest_statuses(conn, outside)
-    for key, group in replays.items():
-        if any(_pending_under(statuses.get(i), key, real_now) for i in members[key]):
-            # another member is still pending under this key outside this run: leave the group
-            report.skipped[BATCH_ELSEWHERE] += len(group)
-            for _index, job in group:
-                page.older.pop(job.user.id, None)
-                page.markers.pop(job.digest.id, None)
-            continue
-        page.batches.append(_Batch(key, [job for _index, job in sorted(group, key=lambda g: g[0])], True))
-    return fresh
-
-
-def _split_in_flight(
-    jobs: list[SendJob], page: _Page, real_now: datetime
-) -> tuple[dict[str, list[tuple[int, SendJob]]], dict[str, list[int]], list[SendJob]]:
-    """The in-flight jobs grouped by batch key (with their recorded index; their markers noted on the
-    page), each key's recorded member ids, and the fresh jobs."""
-    replays: dict[str, list[tuple[int, SendJob]]] = {}
-    members: dict[str, list[int]] = {}
-    fresh: list[SendJob] = []
-    for job in jobs:
-        marker = in_flight_marker(job.digest.payload_json, real_now)
-        if marker is None:
-            fresh.append(job)
-            continue
-        key = marker["batch_key"]
-        replays.setdefault(key, []).append((int(marker.get("batch_index") or 0), job))
-        members[key] = [int(i) for i in marker.get("batch_ids") or [] if isinstance(i, int)]
-        page.markers[job.digest.id] = marker
-    return replays, members, fresh
-
-
-def _pending_under(status: tuple[str, Any] | None, key: str, real_now: datetime) -> bool:
-    """A digest (its status and payload) still pending with a live marker of batch ``key``."""
-    if status is None or status[0] not in PENDING_STATUSES:
-        return False
-    marker = in_flight_marker(status[1], real_now)
-    return marker is not None and marker.get("batch_key") == key
-
-
-def _mark_fresh(
-    conn: sa.Connection, fresh: list[SendJob], page: _Page, batch_size: int, real_now: datetime
-) -> None:
-    """Group the fresh jobs into batches under new keys and write each digest's marker (one statement)."""
+def _mark(conn: sa.Connection, jobs: list[SendJob], page: _Page, batch_size: int, real_now: datetime) -> None:
+    """Group the jobs into batches under new keys and write each digest's marker (one statement)."""
     prepared_at = real_now.isoformat()
     marks: list[dict[str, Any]] = []
-    for chunk in chunks(fresh, batch_size):
+    for chunk in chunks(jobs, batch_size):
         key = batch_key()
         ids_in_batch = [job.digest.id for job in chunk]
         for index, job in enumerate(chunk):
@@ -633,6 +793,9 @@ def _mark_fresh(
             )
         page.batches.append(_Batch(key, chunk))
     update_many(conn, t.note_digests, marks, where=t.note_digests.c.status.in_(PENDING_STATUSES))
+
+
+# ------------------------------------------------------------------------------------ send and record
 
 
 def _send(
@@ -770,20 +933,14 @@ def _digest_update(
     }
 
 
-def _record(
-    engine: sa.Engine,
-    settings: Settings,
-    page: _Page,
-    deliveries: Sequence[_Delivery],
-    clock: Callable[[], datetime],
-    report: SendReport,
-) -> None:
+def _record(run: _Run, page: _Page, deliveries: Sequence[_Delivery]) -> None:
     """Write the page's outcome in one short transaction; when a row is locked by someone else, user by
     user in savepoints instead (a user whose rows stay locked is deferred to a later run)."""
-    stamp = as_utc(clock(), "clock()")
+    conn, report = run.session.conn, run.report
+    stamp = run.real_now()
     per_user = _updates(page, deliveries, stamp)
     try:
-        with _short_transaction(engine, settings) as conn:
+        with conn.begin():
             _write(
                 conn,
                 [u for rows in per_user.values() for u in rows[0]],
@@ -793,7 +950,7 @@ def _record(
     except sa.exc.OperationalError as exc:
         if not _is_lock_timeout(exc):
             raise
-        with _short_transaction(engine, settings) as conn:
+        with conn.begin():
             for uid in sorted(per_user):
                 updates, reviews = per_user[uid]
                 try:
@@ -864,17 +1021,15 @@ def _sent_updates(page: _Page, d: _Delivery, accepted: datetime, stamp: datetime
 
 
 def _review_rows(d: _Delivery, accepted: datetime, stamp: datetime) -> list[dict[str, Any]]:
-    """The review-state rows of a delivered digest's items (the interval is merged in :func:`_write`)."""
+    """The review-state rows of a delivered digest's items: the effective interval (merged with the
+    existing one by :func:`_write`) and the acceptance time."""
     return [
         {
+            "digest_id": d.job.digest.id,
             "document_id": item.document_id,
             "user_id": d.job.user.id,
-            "status": "new",
-            "interval_days": d.job.plan.interval_days,  # the effective interval; merged in _write
+            "interval_days": d.job.plan.interval_days,
             "last_sent_at": accepted,
-            "next_due_at": accepted,
-            "ease_factor": DEFAULT_EASE_FACTOR,
-            "repetitions": 0,
             "updated_at": stamp,
         }
         for item in d.job.items
@@ -884,21 +1039,45 @@ def _review_rows(d: _Delivery, accepted: datetime, stamp: datetime) -> list[dict
 def _write(
     conn: sa.Connection, updates: list[dict[str, Any]], reviews: list[dict[str, Any]], report: SendReport
 ) -> None:
-    """Review states (one upsert: interval = :func:`review_interval` of the existing one; next due =
-    acceptance + interval) and the digest updates (one multi-row update guarded by the pending status)."""
-    existing = load_review_states(conn, [r["document_id"] for r in reviews])
-    rows: dict[int, dict[str, Any]] = {}
-    for r in reviews:
+    """The digest updates (guarded by the pending status), then the review states of the delivered
+    items of the digests actually updated (interval = :func:`review_interval` of the existing one; next
+    due = acceptance + interval). Postgres: one statement; SQLite: the update, a read, an upsert."""
+    reviews = list({r["document_id"]: r for r in reviews}.values())  # a document once per statement
+    if is_postgres(conn):
+        written = record_outcomes_postgres(conn, updates, reviews, _REVIEW_BOUNDS)
+    else:
+        written = _write_sqlite(conn, updates, reviews)
+    missed = len(updates) - len(written)
+    if missed:
+        report.skipped["already_recorded_elsewhere"] += missed
+
+
+def _write_sqlite(
+    conn: sa.Connection, updates: list[dict[str, Any]], reviews: list[dict[str, Any]]
+) -> set[int]:
+    d, rs = t.note_digests, t.review_states
+    written = {
+        int(r.id)
+        for r in update_many(conn, d, updates, where=d.c.status.in_(PENDING_STATUSES), returning=(d.c.id,))
+    }
+    mine = [r for r in reviews if r["digest_id"] in written]
+    existing = load_review_states(conn, [r["document_id"] for r in mine])
+    rows = []
+    for r in mine:
         doc = r["document_id"]
         interval = review_interval(
             existing[doc].interval_days if doc in existing else None, r["interval_days"]
         )
-        rows[doc] = {
-            **r,
-            "interval_days": interval,
-            "next_due_at": r["last_sent_at"] + timedelta(days=interval),
-        }
-    rs = t.review_states
+        rows.append(
+            {
+                **{k: v for k, v in r.items() if k != "digest_id"},
+                "status": "new",
+                "interval_days": interval,
+                "next_due_at": r["last_sent_at"] + timedelta(days=interval),
+                "ease_factor": DEFAULT_EASE_FACTOR,
+                "repetitions": 0,
+            }
+        )
 
     def upsert(stmt: Any) -> Any:
         excluded = stmt.excluded
@@ -914,17 +1093,8 @@ def _write(
             },
         )
 
-    insert_many(conn, rs, list(rows.values()), on_conflict=upsert)
-    written = update_many(
-        conn,
-        t.note_digests,
-        updates,
-        where=t.note_digests.c.status.in_(PENDING_STATUSES),
-        returning=(t.note_digests.c.id,),
-    )
-    missed = len(updates) - len(written)
-    if missed:
-        report.skipped["already_recorded_elsewhere"] += missed
+    insert_many(conn, rs, rows, on_conflict=upsert)
+    return written
 
 
 def _count(

@@ -25,29 +25,31 @@ from dbb_orchestration.db.engine import is_postgres
 __all__ = [
     "DIGEST_LOCK_KEY",
     "PENDING_STATUSES",
+    "ClaimedDigests",
+    "DeliveryUser",
     "DigestRow",
     "GenerationFacts",
     "ItemRow",
     "NewDigest",
+    "ReviewBounds",
     "ReviewRow",
     "UserRow",
     "advisory_xact_lock",
     "find_first_digest_users",
     "insert_digests_with_items",
-    "load_active_sources",
     "load_candidates",
     "load_content_hashes",
-    "load_digest_statuses",
-    "load_document_counts",
+    "load_delivery_users",
+    "load_digests",
+    "load_first_digest_facts",
     "load_generation_facts",
     "load_items",
-    "load_last_sends",
     "load_latest_digests",
-    "load_marked_pending",
-    "load_pending_digests",
+    "load_marked_in_scope",
     "load_review_states",
     "load_user_batch",
-    "lock_pending_digests",
+    "lock_claimed_digests",
+    "record_outcomes_postgres",
 ]
 
 RowT = TypeVar("RowT")
@@ -186,47 +188,6 @@ def load_latest_digests(conn: sa.Connection, user_ids: Sequence[str]) -> dict[st
     inner = sa.select(*_DIGEST_COLUMNS, rn).where(in_ids(conn, d.c.user_id, user_ids)).subquery()
     stmt = sa.select(*[inner.c[c.name] for c in _DIGEST_COLUMNS]).where(inner.c.rn == 1)
     return {r.user_id: _digest(r) for r in conn.execute(stmt).all()}
-
-
-def load_last_sends(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, datetime]:
-    """Newest ``sent_at`` of each user's ``sent`` digests (one ``GROUP BY``); never-sent users are
-    absent. A ``sent`` digest without ``sent_at`` falls back to its ``updated_at``."""
-    if not user_ids:
-        return {}
-    d = t.note_digests
-    stmt = (
-        sa.select(d.c.user_id, sa.func.max(sa.func.coalesce(d.c.sent_at, d.c.updated_at)).label("last"))
-        .where(in_ids(conn, d.c.user_id, user_ids), d.c.status == "sent")
-        .group_by(d.c.user_id)
-    )
-    return {r.user_id: r.last for r in conn.execute(stmt).all() if r.last is not None}
-
-
-def lock_pending_digests(
-    conn: sa.Connection, user_ids: Sequence[str], now: datetime, *, skip_locked: bool = False
-) -> list[DigestRow]:
-    """Every pending digest (``scheduled`` or ``failed``, ``scheduled_for`` ≤ ``now``) of these users, rows
-    locked ``FOR UPDATE`` in id order on Postgres until the transaction ends. With ``skip_locked`` rows
-    another transaction holds are left out instead of waited on (compare with
-    :func:`load_pending_digests` to see whose rows were held). One statement. SQLite has no row locks:
-    a plain read."""
-    if not user_ids:
-        return []
-    stmt = _pending_select(conn, user_ids, now).with_for_update(of=t.note_digests, skip_locked=skip_locked)
-    return [_digest(r) for r in conn.execute(stmt).all()]
-
-
-def _pending_select(conn: sa.Connection, user_ids: Sequence[str], now: datetime) -> sa.Select[Any]:
-    d = t.note_digests
-    return (
-        sa.select(*_DIGEST_COLUMNS)
-        .where(
-            in_ids(conn, d.c.user_id, user_ids),
-            d.c.status.in_(PENDING_STATUSES),
-            d.c.scheduled_for <= now,
-        )
-        .order_by(d.c.id)
-    )
 
 
 def _aware_timestamp(conn: sa.Connection, column: sa.Column[Any]) -> sa.ColumnElement[Any]:
@@ -456,83 +417,6 @@ class ItemRow:
     source_name: str | None
 
 
-def load_items(conn: sa.Connection, digest_ids: Sequence[int]) -> dict[int, list[ItemRow]]:
-    """Items of these digests in position order, each with its document's title and stored content and
-    its connection's kind and display name: two statements (the items; then their documents by primary
-    key). Two rather than one join because today's digests are newer than the table statistics: the
-    planner then misjudges how many items match and hash-joins the whole ``documents`` table, while a
-    primary-key lookup of known ids is always cheap. Digests without items are absent."""
-    if not digest_ids:
-        return {}
-    i, doc, c = t.note_digest_items, t.documents, t.integration_connections
-    items = conn.execute(
-        sa.select(i.c.note_digest_id, i.c.document_id, i.c.position)
-        .where(in_ids(conn, i.c.note_digest_id, digest_ids))
-        .order_by(i.c.note_digest_id, i.c.position, i.c.id)
-    ).all()
-    if not items:
-        return {}
-    docs = {
-        r.id: r
-        for r in conn.execute(
-            sa.select(
-                doc.c.id,
-                doc.c.title,
-                doc.c.content_ciphertext,
-                doc.c.content_iv,
-                doc.c.content_alg,
-                doc.c.content_key_version,
-                c.c.kind,
-                c.c.display_name,
-            )
-            .select_from(doc.outerjoin(c, c.c.id == doc.c.connection_id))
-            .where(in_ids(conn, doc.c.id, sorted({r.document_id for r in items})))
-        ).all()
-    }
-    out: dict[int, list[ItemRow]] = {}
-    for item in items:
-        d = docs.get(item.document_id)
-        if d is None:  # deleted between the two reads: its item row is gone too (cascade)
-            continue
-        out.setdefault(item.note_digest_id, []).append(
-            ItemRow(
-                note_digest_id=item.note_digest_id,
-                document_id=item.document_id,
-                position=item.position,
-                title=d.title,
-                content_ciphertext=d.content_ciphertext,
-                content_iv=d.content_iv,
-                content_alg=d.content_alg,
-                content_key_version=d.content_key_version,
-                source_kind=d.kind,
-                source_name=d.display_name,
-            )
-        )
-    return out
-
-
-def load_active_sources(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
-    """Each user's most recently created ``active`` connection as ``(kind, display_name)``: one
-    statement (``ROW_NUMBER()``). Users without an active connection are absent."""
-    if not user_ids:
-        return {}
-    stmt = latest_active_sources_select(in_ids(conn, t.integration_connections.c.user_id, user_ids))
-    return {r.user_id: (r.kind, r.display_name) for r in conn.execute(stmt).all()}
-
-
-def load_document_counts(conn: sa.Connection, user_ids: Sequence[str]) -> dict[str, int]:
-    """Number of non-deleted documents per user (one ``GROUP BY``); users without any are absent."""
-    if not user_ids:
-        return {}
-    doc = t.documents
-    stmt = (
-        sa.select(doc.c.user_id, sa.func.count().label("n"))
-        .where(in_ids(conn, doc.c.user_id, user_ids), doc.c.deleted_at_source.is_(None))
-        .group_by(doc.c.user_id)
-    )
-    return {r.user_id: int(r.n) for r in conn.execute(stmt).all()}
-
-
 @dataclass(frozen=True)
 class ReviewRow:
     document_id: int
@@ -584,30 +468,408 @@ def find_first_digest_users(conn: sa.Connection, now: datetime, limit: int) -> l
     return [r.user_id for r in conn.execute(stmt).all()]
 
 
-def load_pending_digests(conn: sa.Connection, user_ids: Sequence[str], now: datetime) -> list[DigestRow]:
-    """:func:`lock_pending_digests` without any lock (never waits): one statement."""
-    if not user_ids:
+# ------------------------------------------------------------------------------ delivery (delivery.py)
+
+
+@dataclass(frozen=True)
+class DeliveryUser:
+    """A user of a delivery page: the row, their newest send (``None`` = never sent) and the newest
+    ``delivery.prepared_at`` among their pending digests that carry a batch key (``None`` = none: the
+    caller decides whether that marker is still live)."""
+
+    row: UserRow
+    last_sent_at: datetime | None
+    marked_at: str | None
+
+
+def _marker_field(name: str) -> sa.ColumnElement[Any]:
+    return t.note_digests.c.payload_json["delivery"][name].as_string()
+
+
+def load_delivery_users(
+    conn: sa.Connection,
+    *,
+    after: str | None = None,
+    upto: str | None = None,
+    limit: int | None = None,
+    only_user_id: str | None = None,
+    user_ids: Sequence[str] | None = None,
+) -> list[DeliveryUser]:
+    """Sendable users (verified, non-blank email) by id — the next ``limit`` with ``after < id <= upto``
+    (keyset pagination; ``None`` = unbounded), or exactly ``user_ids`` — each with their settings, Pro
+    flag, newest send and newest in-flight marker time: ONE statement (the last two are correlated
+    subqueries on ``note_digests``' user index)."""
+    u, s, d = t.user, t.user_settings, t.note_digests
+    # The status tests sit inside the aggregates, not in WHERE: the user's digests are then always
+    # found through the (user_id, scheduled_for) index. With ``status = 'sent'`` in WHERE, statistics
+    # taken before a large send (few ``sent`` rows) make the planner walk the status index instead,
+    # every ``sent`` digest once per user: seconds per page.
+    sent = sa.case((d.c.status == "sent", sa.func.coalesce(d.c.sent_at, d.c.updated_at)))
+    in_flight = sa.and_(d.c.status.in_(PENDING_STATUSES), _marker_field("batch_key").is_not(None))
+    last = sa.select(sa.func.max(sent)).where(d.c.user_id == u.c.id).scalar_subquery()
+    marked = (
+        sa.select(sa.func.max(sa.case((in_flight, _marker_field("prepared_at")))))
+        .where(d.c.user_id == u.c.id)
+        .scalar_subquery()
+    )
+    stmt = (
+        sa.select(
+            u.c.id,
+            u.c.name,
+            u.c.email,
+            u.c.email_verified,
+            s.c.user_id.is_not(None).label("has_settings"),
+            s.c.digest_interval_days,
+            s.c.notes_per_digest,
+            s.c.timezone,
+            s.c.preferred_send_hour,
+            has_pro_subscription_sql(u.c.id).label("has_pro_subscription"),
+            last.label("last_sent_at"),
+            marked.label("marked_at"),
+        )
+        .select_from(u.outerjoin(s, s.c.user_id == u.c.id))
+        .where(sendable_sql(u))
+        .order_by(u.c.id)
+    )
+    if user_ids is not None:
+        stmt = stmt.where(in_ids(conn, u.c.id, list(user_ids)))
+    if after is not None:
+        stmt = stmt.where(u.c.id > after)
+    if upto is not None:
+        stmt = stmt.where(u.c.id <= upto)
+    if only_user_id is not None:
+        stmt = stmt.where(u.c.id == only_user_id)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [
+        DeliveryUser(
+            UserRow(
+                id=r.id,
+                name=r.name,
+                email=r.email,
+                email_verified=bool(r.email_verified),
+                has_settings=bool(r.has_settings),
+                digest_interval_days=r.digest_interval_days,
+                notes_per_digest=r.notes_per_digest,
+                timezone=r.timezone,
+                preferred_send_hour=r.preferred_send_hour,
+                has_pro_subscription=bool(r.has_pro_subscription),
+            ),
+            r.last_sent_at,
+            r.marked_at,
+        )
+        for r in conn.execute(stmt).all()
+    ]
+
+
+def load_marked_in_scope(
+    conn: sa.Connection, *, after: str | None, upto: str | None, only_user_id: str | None
+) -> list[DigestRow]:
+    """Pending digests carrying a ``delivery.batch_key`` (handed to the provider, outcome not recorded)
+    of the sendable users with ``after < id <= upto`` (or of ``only_user_id``): ONE statement, driven by
+    the ``(status, scheduled_for)`` index (pending digests are few)."""
+    d, u = t.note_digests, t.user
+    stmt = (
+        sa.select(*_DIGEST_COLUMNS)
+        .select_from(d.join(u, u.c.id == d.c.user_id))
+        .where(d.c.status.in_(PENDING_STATUSES), _marker_field("batch_key").is_not(None), sendable_sql(u))
+        .order_by(d.c.id)
+    )
+    if after is not None:
+        stmt = stmt.where(d.c.user_id > after)
+    if upto is not None:
+        stmt = stmt.where(d.c.user_id <= upto)
+    if only_user_id is not None:
+        stmt = stmt.where(d.c.user_id == only_user_id)
+    return [_digest(r) for r in conn.execute(stmt).all()]
+
+
+def load_digests(conn: sa.Connection, digest_ids: Sequence[int]) -> list[DigestRow]:
+    """These digests (a plain read by primary key, one statement); unknown ids are absent."""
+    if not digest_ids:
         return []
-    return [_digest(r) for r in conn.execute(_pending_select(conn, user_ids, now)).all()]
+    d = t.note_digests
+    stmt = sa.select(*_DIGEST_COLUMNS).where(in_ids(conn, d.c.id, sorted(set(digest_ids)))).order_by(d.c.id)
+    return [_digest(r) for r in conn.execute(stmt).all()]
 
 
-def load_digest_statuses(conn: sa.Connection, digest_ids: Sequence[int]) -> dict[int, tuple[str, Any]]:
-    """``(status, payload_json)`` per digest id (a plain read, one statement); unknown ids are absent."""
+@dataclass(frozen=True)
+class ClaimedDigests:
+    """What a run reads under its claims: the pending digests it now holds row locks on (SQLite: every
+    pending digest), the users with a pending digest another transaction holds, the newest sends."""
+
+    pending: list[DigestRow]
+    held_elsewhere: set[str]
+    last_sends: dict[str, datetime]
+
+    def pending_of(self, user_id: str) -> list[DigestRow]:
+        return [d for d in self.pending if d.user_id == user_id]
+
+
+_MINE, _HELD, _LAST = 0, 1, 2
+
+
+def lock_claimed_digests(conn: sa.Connection, user_ids: Sequence[str], now: datetime) -> ClaimedDigests:
+    """Under the callers' per-user claims, in ONE statement: every pending digest (``scheduled`` or
+    ``failed``, ``scheduled_for`` ≤ ``now``) of these users, locked ``FOR UPDATE SKIP LOCKED`` in a CTE
+    (never waits) and returned with the locked row's values; the users of the pending rows the CTE
+    skipped (held by another transaction: the backend, say); and each user's newest send (``sent_at``,
+    else ``updated_at``, of their ``sent`` digests), all as one ``UNION ALL``. SQLite has no row locks:
+    a plain read."""
+    if not user_ids:
+        return ClaimedDigests([], set(), {})
+    d = t.note_digests
+    pending_where = (
+        in_ids(conn, d.c.user_id, user_ids),
+        d.c.status.in_(PENDING_STATUSES),
+        d.c.scheduled_for <= now,
+    )
+    last_type = d.c.sent_at.type
+    branches: list[sa.Select[Any]] = []
+    if is_postgres(conn):
+        locked = (
+            sa.select(*_DIGEST_COLUMNS)
+            .where(*pending_where)
+            .with_for_update(of=d, skip_locked=True)
+            .cte("locked")
+        )
+        mine_cols: list[Any] = [locked.c[c.name] for c in _DIGEST_COLUMNS]
+        branches.append(
+            sa.select(
+                sa.literal_column(str(_MINE)).label("kind"),
+                *mine_cols,
+                sa.cast(sa.null(), last_type).label("last"),
+            )
+        )
+        branches.append(
+            sa.select(sa.literal_column(str(_HELD)), *_nulls_but_user(d), sa.null()).where(
+                *pending_where, d.c.id.not_in(sa.select(locked.c.id))
+            )
+        )
+    else:
+        branches.append(
+            sa.select(
+                sa.literal_column(str(_MINE)).label("kind"),
+                *_DIGEST_COLUMNS,
+                sa.cast(sa.null(), last_type).label("last"),
+            ).where(*pending_where)
+        )
+    branches.append(
+        sa.select(
+            sa.literal_column(str(_LAST)),
+            *_nulls_but_user(d),
+            sa.func.max(sa.func.coalesce(d.c.sent_at, d.c.updated_at)),
+        )
+        .where(in_ids(conn, d.c.user_id, user_ids), d.c.status == "sent")
+        .group_by(d.c.user_id)
+    )
+    out = ClaimedDigests([], set(), {})
+    for r in conn.execute(sa.union_all(*branches)).all():
+        if r.kind == _MINE:
+            out.pending.append(_digest(r))
+        elif r.kind == _HELD:
+            out.held_elsewhere.add(r.user_id)
+        elif r.last is not None:
+            out.last_sends[r.user_id] = r.last
+    out.pending.sort(key=lambda dg: dg.id)
+    return out
+
+
+def _nulls_but_user(d: sa.Table) -> list[Any]:
+    """The digest columns of a ``UNION ALL`` branch that carries only the user id."""
+    return [d.c.user_id if c.name == "user_id" else sa.null() for c in _DIGEST_COLUMNS]
+
+
+def load_items(conn: sa.Connection, digest_ids: Sequence[int]) -> dict[int, list[ItemRow]]:
+    """Items of these digests in position order, each with its document's title and stored content and
+    its connection's kind and display name: ONE statement. On Postgres each item's document (and
+    connection) comes from a ``LATERAL`` primary-key lookup that cannot be flattened into a join
+    (``LIMIT 1``): today's digests are newer than the table statistics, so with a plain join the planner
+    misjudges how many items match and hash-joins the whole ``documents`` table, while a primary-key
+    lookup per item is always cheap. SQLite's planner always uses the primary key. Items whose document
+    is gone are absent; digests without items too."""
     if not digest_ids:
         return {}
-    d = t.note_digests
-    stmt = sa.select(d.c.id, d.c.status, d.c.payload_json).where(in_ids(conn, d.c.id, list(digest_ids)))
-    return {r.id: (r.status, r.payload_json) for r in conn.execute(stmt).all()}
-
-
-def load_marked_pending(conn: sa.Connection, user_ids: Sequence[str]) -> list[tuple[str, Any]]:
-    """``(user_id, payload_json)`` of these users' pending digests whose payload carries a
-    ``delivery.batch_key`` (handed to the provider, outcome not recorded): one statement."""
-    if not user_ids:
-        return []
-    d = t.note_digests
-    key = d.c.payload_json["delivery"]["batch_key"].as_string()
-    stmt = sa.select(d.c.user_id, d.c.payload_json).where(
-        in_ids(conn, d.c.user_id, user_ids), d.c.status.in_(PENDING_STATUSES), key.is_not(None)
+    i, doc, c = t.note_digest_items, t.documents, t.integration_connections
+    doc_cols = (
+        doc.c.title,
+        doc.c.content_ciphertext,
+        doc.c.content_iv,
+        doc.c.content_alg,
+        doc.c.content_key_version,
+        c.c.kind,
+        c.c.display_name,
     )
-    return [(r.user_id, r.payload_json) for r in conn.execute(stmt).all()]
+    docs_from = doc.outerjoin(c, c.c.id == doc.c.connection_id)
+    if is_postgres(conn):
+        lookup = (
+            sa.select(*doc_cols)
+            .select_from(docs_from)
+            .where(doc.c.id == i.c.document_id)
+            .limit(1)
+            .lateral("dl")
+        )
+        cols: list[Any] = [lookup.c[col.name] for col in doc_cols]
+        source: Any = i.join(lookup, sa.true())
+    else:
+        cols, source = list(doc_cols), i.join(docs_from, doc.c.id == i.c.document_id)
+    stmt = (
+        sa.select(i.c.note_digest_id, i.c.document_id, i.c.position, *cols)
+        .select_from(source)
+        .where(in_ids(conn, i.c.note_digest_id, digest_ids))
+        .order_by(i.c.note_digest_id, i.c.position, i.c.id)
+    )
+    out: dict[int, list[ItemRow]] = {}
+    for r in conn.execute(stmt).all():
+        out.setdefault(r.note_digest_id, []).append(
+            ItemRow(
+                note_digest_id=r.note_digest_id,
+                document_id=r.document_id,
+                position=r.position,
+                title=r.title,
+                content_ciphertext=r.content_ciphertext,
+                content_iv=r.content_iv,
+                content_alg=r.content_alg,
+                content_key_version=r.content_key_version,
+                source_kind=r.kind,
+                source_name=r.display_name,
+            )
+        )
+    return out
+
+
+def load_first_digest_facts(
+    conn: sa.Connection, user_ids: Sequence[str]
+) -> tuple[dict[str, tuple[str, str | None]], dict[str, int]]:
+    """What a first digest shows besides its notes, in ONE statement (a ``UNION ALL``): each user's
+    most recently created ``active`` connection as ``(kind, display_name)`` and their number of
+    non-deleted documents. Users without either are absent from that dict."""
+    if not user_ids:
+        return {}, {}
+    doc = t.documents
+    sources = latest_active_sources_select(
+        in_ids(conn, t.integration_connections.c.user_id, user_ids)
+    ).add_columns(sa.cast(sa.null(), sa.Integer).label("n"))
+    counts = (
+        sa.select(doc.c.user_id, sa.null(), sa.null(), sa.func.count())
+        .where(in_ids(conn, doc.c.user_id, user_ids), doc.c.deleted_at_source.is_(None))
+        .group_by(doc.c.user_id)
+    )
+    found: dict[str, tuple[str, str | None]] = {}
+    totals: dict[str, int] = {}
+    for r in conn.execute(sa.union_all(sources, counts)).all():
+        if r.n is None:
+            found[r.user_id] = (r.kind, r.display_name)
+        else:
+            totals[r.user_id] = int(r.n)
+    return found, totals
+
+
+_RECORD_OUTCOMES = sa.text(
+    """
+WITH v AS (
+  SELECT * FROM unnest(:ids, :statuses, :sent_ats, :payloads, :errors, :stamps)
+    AS v(id, status, sent_at, payload, error, updated_at)
+), upd AS (
+  UPDATE note_digests AS d
+  SET status = CAST(v.status AS note_digest_status), sent_at = v.sent_at,
+      payload_json = CAST(v.payload AS jsonb), error_json = CAST(v.error AS jsonb),
+      updated_at = v.updated_at
+  FROM v
+  WHERE d.id = v.id AND d.status IN ('scheduled', 'failed')
+  RETURNING d.id
+), r AS (
+  SELECT r.*, LEAST(:max_days, GREATEST(r.interval_days, :min_days)) AS days
+  FROM unnest(:r_digest_ids, :r_document_ids, :r_user_ids, :r_intervals, :r_accepted, :r_stamps)
+    AS r(digest_id, document_id, user_id, interval_days, accepted_at, updated_at)
+), ins AS (
+  INSERT INTO review_states AS rs
+    (document_id, user_id, status, interval_days, last_sent_at, next_due_at, ease_factor, repetitions,
+     updated_at)
+  SELECT r.document_id, r.user_id, 'new', r.days, r.accepted_at,
+         r.accepted_at + make_interval(days => r.days), :ease, 0, r.updated_at
+  FROM r JOIN upd ON upd.id = r.digest_id
+  ON CONFLICT (document_id) DO UPDATE SET
+    interval_days = LEAST(:max_days, GREATEST(COALESCE(rs.interval_days, 0), EXCLUDED.interval_days)),
+    last_sent_at = EXCLUDED.last_sent_at,
+    next_due_at = EXCLUDED.last_sent_at + make_interval(
+      days => LEAST(:max_days, GREATEST(COALESCE(rs.interval_days, 0), EXCLUDED.interval_days))),
+    ease_factor = COALESCE(rs.ease_factor, EXCLUDED.ease_factor),
+    repetitions = COALESCE(rs.repetitions, EXCLUDED.repetitions),
+    updated_at = EXCLUDED.updated_at
+)
+SELECT id FROM upd
+"""
+).bindparams(
+    sa.bindparam("ids", type_=postgresql.ARRAY(sa.Integer())),
+    sa.bindparam("statuses", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("sent_ats", type_=postgresql.ARRAY(sa.DateTime(timezone=True))),
+    sa.bindparam("payloads", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("errors", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("stamps", type_=postgresql.ARRAY(sa.DateTime(timezone=True))),
+    sa.bindparam("r_digest_ids", type_=postgresql.ARRAY(sa.Integer())),
+    sa.bindparam("r_document_ids", type_=postgresql.ARRAY(sa.Integer())),
+    sa.bindparam("r_user_ids", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("r_intervals", type_=postgresql.ARRAY(sa.Integer())),
+    sa.bindparam("r_accepted", type_=postgresql.ARRAY(sa.DateTime(timezone=True))),
+    sa.bindparam("r_stamps", type_=postgresql.ARRAY(sa.DateTime(timezone=True))),
+    sa.bindparam("min_days", type_=sa.Integer()),
+    sa.bindparam("max_days", type_=sa.Integer()),
+    sa.bindparam("ease", type_=sa.Float()),
+)
+
+
+_UPDATE_PARAMS = {
+    "ids": "id",
+    "statuses": "status",
+    "sent_ats": "sent_at",
+    "payloads": "payload_json",
+    "errors": "error_json",
+    "stamps": "updated_at",
+}
+_REVIEW_PARAMS = {
+    "r_digest_ids": "digest_id",
+    "r_document_ids": "document_id",
+    "r_user_ids": "user_id",
+    "r_intervals": "interval_days",
+    "r_accepted": "last_sent_at",
+    "r_stamps": "updated_at",
+}
+_JSON_FIELDS = frozenset({"payload_json", "error_json"})
+
+
+def _json_text(value: Any) -> str | None:
+    return None if value is None else json.dumps(value)
+
+
+@dataclass(frozen=True)
+class ReviewBounds:
+    """The review interval rule the record applies: ``min(max_days, max(existing or 0, effective,
+    min_days))`` days; a new review state starts with ``ease_factor``."""
+
+    min_days: int
+    max_days: int
+    ease_factor: float
+
+
+def record_outcomes_postgres(
+    conn: sa.Connection,
+    updates: Sequence[dict[str, Any]],
+    reviews: Sequence[dict[str, Any]],
+    bounds: ReviewBounds,
+) -> set[int]:
+    """Postgres, ONE statement (data-modifying CTEs): set each digest's ``status``, ``sent_at``,
+    ``payload_json``, ``error_json`` and ``updated_at`` where it is still pending (the guard), then upsert
+    the review states of the delivered items of the digests actually updated (``reviews`` rows:
+    ``digest_id``, ``document_id`` (unique), ``user_id``, ``interval_days`` = the effective interval,
+    ``last_sent_at`` = acceptance, ``updated_at``) with the interval and next due date computed from the
+    existing row by the :class:`ReviewBounds` rule. Returns the ids of the digests updated."""
+    if not updates:
+        return set()
+    params: dict[str, Any] = {
+        param: [_json_text(row[name]) if name in _JSON_FIELDS else row[name] for row in rows]
+        for rows, names in ((updates, _UPDATE_PARAMS), (reviews, _REVIEW_PARAMS))
+        for param, name in names.items()
+    }
+    params.update(min_days=bounds.min_days, max_days=bounds.max_days, ease=bounds.ease_factor)
+    return {int(r.id) for r in conn.execute(_RECORD_OUTCOMES, params).all()}

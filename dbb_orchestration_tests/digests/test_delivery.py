@@ -17,9 +17,9 @@ from dbb_orchestration.content import ContentKeyring
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.digests.delivery import (
     ProviderUnavailableError,
-    choose_for_delivery,
     claim_key,
     in_flight_marker,
+    superseded_by,
 )
 from dbb_orchestration.digests.queries import DigestRow
 from dbb_orchestration.digests.send import SendReport, send_due_digests
@@ -119,17 +119,22 @@ def test_in_flight_marker_expires_after_24_hours_and_ignores_junk() -> None:
         assert in_flight_marker(junk, now) is None
 
 
-def test_an_in_flight_digest_is_resolved_before_a_newer_one() -> None:
-    now = datetime(2026, 2, 8, 12, tzinfo=UTC)
-    marker = {"delivery": {"batch_key": "k", "prepared_at": now.isoformat()}}
-
-    def row(i: int, day: int, payload: Any = None, status: str = "scheduled") -> DigestRow:
+def test_a_replayed_digest_supersedes_only_older_scheduled_digests() -> None:
+    def row(i: int, day: int, status: str = "scheduled") -> DigestRow:
         at = datetime(2026, 2, day, tzinfo=UTC)
-        return DigestRow(i, "u", status, at, at, payload)
+        return DigestRow(i, "u", status, at, at, None)
 
-    oldest, in_flight, newest = row(1, 6), row(2, 7, marker), row(3, 8)
-    assert choose_for_delivery([oldest, in_flight, newest], now) == (in_flight, [oldest])
-    assert choose_for_delivery([oldest, newest], now) == (newest, [oldest])
+    oldest, old_failed, other_member, replayed, newest = (
+        row(1, 5),
+        row(2, 6, "failed"),
+        row(3, 6),
+        row(4, 7),
+        row(5, 8),
+    )
+    pending = [oldest, old_failed, other_member, replayed, newest]
+    assert superseded_by(replayed, pending) == [oldest, other_member]
+    assert superseded_by(replayed, pending, keep=[other_member.id]) == [oldest]
+    assert superseded_by(oldest, pending) == []
 
 
 # ------------------------------------------------------------------------------------- locks and claims

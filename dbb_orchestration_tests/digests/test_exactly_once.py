@@ -82,12 +82,16 @@ def test_two_concurrent_runs_of_the_same_hour_send_each_digest_once(
     for th in threads:
         th.join(timeout=60)
     assert not errors
-    assert sorted(r.sent for r in reports) == [0, 6]  # one run claimed everything
-    loser = next(r for r in reports if r.sent == 0)
-    # the loser skipped the users claimed by the winner, or found them already sent: never waited
-    assert loser.skipped["claimed_elsewhere"] + loser.not_due["already_sent_today"] == 6
+    # Usually one run claims everything; the claims of two simultaneous claim statements may also
+    # interleave and split the users. Either way each user is sent by exactly one run, and every user
+    # a run did not send was claimed by the other, in flight with the other, or already sent by it:
+    # skipped, never waited on.
+    assert sum(r.sent for r in reports) == 6
+    for r in reports:
+        elsewhere = r.skipped["claimed_elsewhere"] + r.skipped["batch_in_flight_elsewhere"]
+        assert r.sent + elsewhere + r.not_due["already_sent_today"] == 6, r
     assert len(fake_resend.sent) == 6
-    assert fake_resend.requests_count == 1  # one batch request; the loser never called the provider
+    assert fake_resend.requests_count == sum(r.sent > 0 for r in reports)  # one batch request per sender
     assert sorted(provider_ids(engine).values()) == sorted(d.id for d in fake_resend.sent)
     assert set(provider_ids(engine)) == set(ids)
     assert set(statuses(engine).values()) == {"sent"}
