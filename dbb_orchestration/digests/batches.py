@@ -55,39 +55,30 @@ def executor_kind(env: Mapping[str, str] | None = None) -> str:
 # ---------------------------------------------------------------------------------------- the ranges
 
 
-def ranges_from_cuts(cuts: list[str], within: UserRange = (None, None)) -> list[UserRange]:
-    """The ranges between sorted cut points, from ``within``'s lower end to its upper end:
-    ``[(after, c1), (c1, c2), …, (ck, upto)]``; no cut → ``[within]``."""
-    bounds: list[str | None] = [within[0], *cuts, within[1]]
+def ranges_from_cuts(cuts: list[str]) -> list[UserRange]:
+    """The ranges between sorted cut points: ``[(None, c1), (c1, c2), …, (ck, None)]``; no cut → one
+    range covering every user."""
+    bounds: list[str | None] = [None, *cuts, None]
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def user_ranges(
-    conn: sa.Connection, users_per_step: int, within: UserRange = (None, None)
-) -> list[UserRange]:
-    """Ranges of about ``users_per_step`` users each, by id order, covering ``within`` (default: every
-    user), in one statement: the id of every ``users_per_step``-th user except the last user of
-    ``within`` (so the last range is never empty when planned)."""
+def user_ranges(conn: sa.Connection, users_per_step: int) -> list[UserRange]:
+    """Ranges of about ``users_per_step`` users each, by id order, in one statement: the id of every
+    ``users_per_step``-th user except the last user (so the last range is never empty when planned)."""
     if users_per_step < 1:
         raise ValueError("users_per_step must be at least 1")
     u = t.user
-    after, upto = within
     numbered = sa.select(
         u.c.id,
         sa.func.row_number().over(order_by=u.c.id).label("n"),
         sa.func.count().over().label("total"),
-    )
-    if after is not None:
-        numbered = numbered.where(u.c.id > after)
-    if upto is not None:
-        numbered = numbered.where(u.c.id <= upto)
-    ranked = numbered.subquery()
+    ).subquery()
     stmt = (
-        sa.select(ranked.c.id)
-        .where(ranked.c.n % users_per_step == 0, ranked.c.n < ranked.c.total)
-        .order_by(ranked.c.id)
+        sa.select(numbered.c.id)
+        .where(numbered.c.n % users_per_step == 0, numbered.c.n < numbered.c.total)
+        .order_by(numbered.c.id)
     )
-    return ranges_from_cuts([row.id for row in conn.execute(stmt)], within)
+    return ranges_from_cuts([row.id for row in conn.execute(stmt)])
 
 
 def _hex(value: str | None) -> str:

@@ -394,6 +394,7 @@ def deliver_due_digests(
     only_user_id: str | None = None,
     first_digest_bypass: bool = False,
     user_range: tuple[str | None, str | None] = (None, None),
+    ready: ReadyGate | None = None,
 ) -> SendReport:
     """See :func:`dbb_orchestration.digests.send.send_due_digests` and the module docstring."""
     now = as_utc(now, "now")
@@ -405,15 +406,35 @@ def deliver_due_digests(
                 session, sender, settings, pool, now, clock or settings.now, first_digest_bypass, report
             )
             _replay_in_flight(run, user_range, only_user_id)
-            after: str | None = user_range[0]
-            while after is not _DONE:
-                after = _deliver_page(run, after, user_range[1], only_user_id)
+            _deliver_pages(run, user_range, only_user_id, ready)
     finally:
         session.close()
     return report
 
 
 _DONE: Any = object()  # _deliver_page's answer when no page follows
+
+# ``ready(after)`` → ``(upto, final)``: the highest user id the next page (ids above ``after``) may read,
+# waiting until there is one, and whether that is the end of the run's range. Without it every page
+# may read to the range's end. The hourly batch step passes one so that sending reads only users whose
+# generation has committed while generation goes on (``pipeline.py``).
+ReadyGate = Callable[[str | None], tuple[str | None, bool]]
+
+
+def _deliver_pages(
+    run: _Run, user_range: tuple[str | None, str | None], only_user_id: str | None, ready: ReadyGate | None
+) -> None:
+    """Page through ``user_range``, each page bounded by what ``ready`` allows (see :data:`ReadyGate`)."""
+    after = user_range[0]
+    while True:
+        upto, final = ready(after) if ready is not None else (user_range[1], True)
+        following = _deliver_page(run, after, upto, only_user_id)
+        if following is not _DONE:
+            after = following
+        elif final:
+            return
+        else:
+            after = upto  # everything allowed so far is done: wait for more
 
 
 def _skip(report: SendReport, reason: str, count: int) -> None:

@@ -281,6 +281,7 @@ def generate_digests(
     *,
     clock: Callable[[], datetime] | None = None,
     user_range: tuple[str | None, str | None] = (None, None),
+    on_page: Callable[[str], None] | None = None,
 ) -> GenerateReport:
     """Create the digests needed at the logical time ``now`` (the partition's hour for the hourly job):
     see the module docstring. ``clock`` (default ``settings.now``) is the location's clock: read once at
@@ -288,7 +289,8 @@ def generate_digests(
     data (an invalid timezone falls back to UTC; anything unexpected in one user's selection) is
     counted in ``data_issues`` and never stops the others. A database error aborts the run; batches
     already committed stay (a rerun continues). ``user_range`` ``(after, upto)`` limits the run to users
-    with ``after < id <= upto`` (``None`` = unbounded): one batch step of the hourly job."""
+    with ``after < id <= upto`` (``None`` = unbounded): one batch step of the hourly job. ``on_page``, if
+    given, is called with the last user id of every batch once it has committed (see ``pipeline.py``)."""
     now = as_utc(now, "now")
     real_clock = clock or settings.now
     wall = as_utc(real_clock(), "clock()")
@@ -306,6 +308,8 @@ def generate_digests(
             after = users[-1].id
             report.batches += 1
             _generate_batch(conn, users, now, wall, settings.deployment_mode, real_clock, report)
+        if on_page is not None:
+            on_page(after)
         if len(users) < settings.digest_batch_size:
             break
     return report

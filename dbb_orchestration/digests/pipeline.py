@@ -2,67 +2,96 @@
 
 A batch step owns a range of users. Run one after the other, generation (mostly waiting on Postgres:
 the candidate query and the insert) and sending (mostly Python: rendering) each leave the other core
-idle. Here the range is cut into sub-ranges of ``DIGEST_BATCH_SIZE`` users (one keyset page each, one
-statement to find the cuts) and a worker thread generates sub-range *k + 1* while the calling thread
-sends sub-range *k*. Each sub-range is sent only after its generation committed, exactly as when the
-two ran over the whole range in turn: the rules, the statements per page and the results are the same;
-only the order of the pages differs.
+idle. Here generation runs over the range on a worker thread, page after page as always, and reports
+the last user id of each page it commits; sending runs on the calling thread over the same range, and
+each of its pages reads only users up to the last id generation has committed (waiting when it has
+caught up). So a user is sent to only after their digest for the hour was committed, exactly as when
+generation finished first: the rules, the statements and the results are the same; the two phases
+just overlap. (User ids are only compared by Postgres; here they are only tested for equality.)
 
 SQLite allows one writer at a time (a transaction that read before another one wrote cannot write),
-so there the range is generated, then sent, on one thread, as before.
+so there the range is generated, then sent, on one thread.
 
-If sending fails (the provider is down, say) the worker finishes the sub-range it is on and stops; the
-error is raised once it has stopped, so nothing of this step is still writing when the step fails. An
-error in generation stops the sending after the sub-range in progress and is raised.
+If sending fails (the provider is down, say) generation stops after the page it is on, and the error
+is raised once the worker has stopped, so nothing of this step is still writing when the step fails.
+An error in generation stops the sending before its next page and is raised.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import queue
 import threading
-from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import sqlalchemy as sa
 
 from dbb_orchestration.config import Settings
 from dbb_orchestration.db.engine import is_postgres
-from dbb_orchestration.digests.batches import UserRange, user_ranges
+from dbb_orchestration.digests.batches import UserRange
 from dbb_orchestration.digests.generate import GenerateReport, generate_digests
 from dbb_orchestration.digests.send import SendReport, send_due_digests
 from dbb_orchestration.email.sender import EmailSender
 
-__all__ = ["generate_and_send", "merge_reports"]
+__all__ = ["GenerationProgress", "generate_and_send"]
 
-R = TypeVar("R", GenerateReport, SendReport)
-
-_DONE = object()
+_NOTHING: Any = object()
 
 
-def _merged_value(total: Any, value: Any) -> Any:
-    if isinstance(total, Counter):
-        return total + value if isinstance(value, Counter) else total
-    if isinstance(total, bool) or not isinstance(total, (int, float, list)):
-        return total  # a logical time, a flag: the same in every part
-    if isinstance(total, list):
-        return [*total, *value]
-    return total + value
+class GenerationStopped(Exception):
+    """Raised inside the generation worker to stop it after a page (the sending side failed)."""
 
 
-def merge_reports(parts: list[R]) -> R:
-    """One report for the parts of one range: counts and counters added, lists joined, the rest (logical
-    time, flags) taken from the first part."""
-    if not parts:
-        raise ValueError("merge_reports needs at least one report")
-    first = parts[0]
-    values = {f.name: getattr(first, f.name) for f in dataclasses.fields(first)}
-    for part in parts[1:]:
-        for name, total in values.items():
-            values[name] = _merged_value(total, getattr(part, name))
-    return dataclasses.replace(first, **values)
+class GenerationProgress:
+    """What generation has committed so far over a range, shared by the generating and the sending
+    thread. :meth:`ready` is the sending side's ``delivery.ReadyGate``."""
+
+    def __init__(self, end: str | None) -> None:
+        self._end = end
+        self._changed = threading.Condition()
+        self._upto: Any = _NOTHING  # last user id committed; _NOTHING before the first page
+        self._final = False
+        self._error: BaseException | None = None
+        self._stop = False
+
+    # the generating side
+    def page_committed(self, last_id: str) -> None:
+        with self._changed:
+            if self._stop:
+                raise GenerationStopped
+            self._upto = last_id
+            self._changed.notify_all()
+
+    def finished(self) -> None:
+        with self._changed:
+            self._upto, self._final = self._end, True
+            self._changed.notify_all()
+
+    def failed(self, error: BaseException) -> None:
+        with self._changed:
+            self._error = error
+            self._changed.notify_all()
+
+    # the sending side
+    def ready(self, after: str | None) -> tuple[str | None, bool]:
+        """Wait until generation committed users beyond ``after`` (or finished, or failed); the highest
+        id a page may read now, and whether that is the range's end. A generation error is raised."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: (
+                    self._error is not None
+                    or self._final
+                    or (self._upto is not _NOTHING and self._upto != after)
+                )
+            )
+            if self._error is not None:
+                raise RuntimeError("digest generation failed; sending stopped") from self._error
+            return self._upto, self._final
+
+    def stop(self) -> None:
+        """Ask generation to stop after the page it is on."""
+        with self._changed:
+            self._stop = True
 
 
 def generate_and_send(
@@ -74,52 +103,34 @@ def generate_and_send(
     *,
     clock: Callable[[], datetime],
 ) -> tuple[GenerateReport, SendReport]:
-    """Generate, then send, every sub-range of ``user_range`` (see the module docstring); the merged
-    reports. ``now`` is the logical time, ``clock`` the location's clock. On SQLite (one writer at a
-    time) the whole range is generated, then sent, on the calling thread."""
+    """Generate, then send, for the users of ``user_range``, the two overlapped on Postgres (see the
+    module docstring). ``now`` is the logical time, ``clock`` the location's clock."""
     if not is_postgres(engine):
-        gen = generate_digests(engine, now, settings, clock=clock, user_range=user_range)
-        return gen, send_due_digests(engine, sender, settings, now, clock=clock, user_range=user_range)
-    with engine.connect() as conn:
-        parts = user_ranges(conn, settings.digest_batch_size, within=user_range)
-    generated: queue.Queue[Any] = queue.Queue()
-    stop = threading.Event()
+        generated = generate_digests(engine, now, settings, clock=clock, user_range=user_range)
+        return generated, send_due_digests(engine, sender, settings, now, clock=clock, user_range=user_range)
+    progress = GenerationProgress(end=user_range[1])
+    reports: list[GenerateReport] = []
 
-    def generate_all() -> None:
+    def generate() -> None:
         try:
-            for part in parts:
-                if stop.is_set():
-                    break
-                generated.put((part, generate_digests(engine, now, settings, clock=clock, user_range=part)))
-        except BaseException as exc:  # handed to the sending thread, which raises it
-            generated.put(exc)
-        finally:
-            generated.put(_DONE)
+            reports.append(
+                generate_digests(
+                    engine, now, settings, clock=clock, user_range=user_range, on_page=progress.page_committed
+                )
+            )
+            progress.finished()
+        except GenerationStopped:
+            pass
+        except BaseException as exc:  # handed to the sending side, which raises it
+            progress.failed(exc)
 
-    worker = threading.Thread(target=generate_all, name="digest-generation", daemon=True)
+    worker = threading.Thread(target=generate, name="digest-generation", daemon=True)
     worker.start()
     try:
-        gen_parts, send_parts = _send_as_generated(generated, engine, sender, settings, now, clock)
+        sent = send_due_digests(
+            engine, sender, settings, now, clock=clock, user_range=user_range, ready=progress.ready
+        )
     finally:
-        stop.set()
+        progress.stop()
         worker.join()
-    return merge_reports(gen_parts), merge_reports(send_parts)
-
-
-def _send_as_generated(
-    generated: queue.Queue[Any],
-    engine: sa.Engine,
-    sender: EmailSender,
-    settings: Settings,
-    now: datetime,
-    clock: Callable[[], datetime],
-) -> tuple[list[GenerateReport], list[SendReport]]:
-    gen_parts: list[GenerateReport] = []
-    send_parts: list[SendReport] = []
-    while (item := generated.get()) is not _DONE:
-        if isinstance(item, BaseException):
-            raise item
-        part, report = item
-        gen_parts.append(report)
-        send_parts.append(send_due_digests(engine, sender, settings, now, clock=clock, user_range=part))
-    return gen_parts, send_parts
+    return reports[0], sent

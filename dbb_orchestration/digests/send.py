@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -44,6 +44,9 @@ from dbb_orchestration.email.sender import EmailSender, OutgoingEmail
 from dbb_orchestration.email.unsubscribe import list_unsubscribe_headers
 from dbb_orchestration.plans import digest_timing_phrase
 from dbb_orchestration.timing import due_decision, local_date
+
+if TYPE_CHECKING:
+    from dbb_orchestration.digests.delivery import ReadyGate
 
 __all__ = [
     "DEFAULT_EASE_FACTOR",
@@ -305,6 +308,7 @@ def send_due_digests(
     only_user_id: str | None = None,
     first_digest_bypass: bool = False,
     user_range: tuple[str | None, str | None] = (None, None),
+    ready: ReadyGate | None = None,
 ) -> SendReport:
     """Send every due user's newest pending digest (behaviour §6) as of the logical time ``now`` (the
     partition's hour for the hourly job). ``sent_at``, ``updated_at`` and the review scheduling of the
@@ -314,7 +318,8 @@ def send_due_digests(
     ``only_user_id`` restricts the run to one user; ``first_digest_bypass`` makes a user who has never
     been sent a digest due whatever the hour (the first-digest job passes both); ``user_range``
     ``(after, upto)`` limits the run to users with ``after < id <= upto`` (``None`` = unbounded: one
-    batch step of the hourly job). Which sender (Resend,
+    batch step of the hourly job); ``ready`` bounds each page by what generation has committed so far
+    (``delivery.ReadyGate``, used by ``pipeline.py``). Which sender (Resend,
     dry run) is the caller's choice. The engine — claims, batches, bounded time, recording — is
     :mod:`dbb_orchestration.digests.delivery`; it raises
     :class:`~dbb_orchestration.digests.delivery.ProviderUnavailableError` (after recording every claimed
@@ -331,4 +336,5 @@ def send_due_digests(
         only_user_id=only_user_id,
         first_digest_bypass=first_digest_bypass,
         user_range=user_range,
+        ready=ready,
     )

@@ -4,21 +4,18 @@ emails and counts as generating the whole range then sending it; errors on eithe
 from __future__ import annotations
 
 import threading
-from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 
 from dbb_orchestration.config import Settings
 from dbb_orchestration.db import create_db_engine
 from dbb_orchestration.digests import pipeline
-from dbb_orchestration.digests.batches import user_ranges
 from dbb_orchestration.digests.delivery import ProviderUnavailableError
 from dbb_orchestration.digests.generate import GenerateReport, generate_digests
-from dbb_orchestration.digests.pipeline import generate_and_send, merge_reports
-from dbb_orchestration.digests.send import SendReport, send_due_digests
+from dbb_orchestration.digests.pipeline import GenerationProgress, GenerationStopped, generate_and_send
+from dbb_orchestration.digests.send import send_due_digests
 from dbb_orchestration.resources import resend_sender
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration_tests.conftest import BACKEND_DDL, PostgresDatabases
@@ -28,36 +25,30 @@ from dbb_orchestration_tests.digests.test_defs import env, seed
 NOW = datetime(2026, 2, 8, 8, tzinfo=UTC)
 
 
-def test_merge_reports_adds_counts_joins_lists_and_keeps_the_rest() -> None:
-    a = SendReport(logical_time=NOW, users_considered=2, sent=1, not_due=Counter(not_send_hour=1))
-    a.failed_digest_ids.append(7)
-    b = SendReport(logical_time=NOW, users_considered=3, sent=2, not_due=Counter(not_send_hour=2, interval=1))
-    b.failed_digest_ids.append(9)
-    merged = merge_reports([a, b])
-    assert (merged.users_considered, merged.sent, merged.logical_time) == (5, 3, NOW)
-    assert merged.not_due == Counter(not_send_hour=3, interval=1)
-    assert merged.failed_digest_ids == [7, 9]
-    g = merge_reports([GenerateReport(logical_time=NOW, digests_created=2), GenerateReport(logical_time=NOW)])
-    assert g.digests_created == 2 and g.outside_catch_up_window is False
-    with pytest.raises(ValueError):
-        merge_reports([])
+def test_progress_gate_waits_for_a_committed_page_and_reports_the_end() -> None:
+    progress = GenerationProgress(end="u-99")
+    answers: list[tuple[str | None, bool]] = []
+    waiting = threading.Thread(target=lambda: answers.append(progress.ready(None)))
+    waiting.start()
+    waiting.join(0.2)
+    assert waiting.is_alive() and not answers  # nothing committed yet: the sending side waits
+    progress.page_committed("u-02")
+    waiting.join(5)
+    assert answers == [("u-02", False)]
+    assert progress.ready("u-01") == ("u-02", False)  # more is ready than was sent
+    progress.finished()
+    assert progress.ready("u-02") == ("u-99", True)
+    progress.stop()
+    with pytest.raises(GenerationStopped):
+        progress.page_committed("u-03")
 
 
-@pytest.mark.parametrize(
-    ("within", "expected"),
-    [
-        ((None, None), [(None, "u-02"), ("u-02", "u-04"), ("u-04", "u-06"), ("u-06", None)]),
-        (("u-01", "u-06"), [("u-01", "u-03"), ("u-03", "u-05"), ("u-05", "u-06")]),
-        (("u-02", "u-04"), [("u-02", "u-04")]),
-        (("u-07", None), [("u-07", None)]),  # nobody left: one empty range, still covering the end
-    ],
-)
-def test_user_ranges_within_a_range(within: Any, expected: Any, db_url: str) -> None:
-    seed(db_url, _world)
-    engine = create_db_engine(db_url, poolclass=sa.pool.NullPool)
-    with engine.connect() as conn:
-        assert user_ranges(conn, 2, within=within) == expected
-    engine.dispose()
+def test_progress_gate_raises_a_generation_error() -> None:
+    progress = GenerationProgress(end=None)
+    progress.failed(ValueError("boom"))
+    with pytest.raises(RuntimeError, match="generation failed") as info:
+        progress.ready(None)
+    assert isinstance(info.value.__cause__, ValueError)
 
 
 def _settings(url: str, fake: FakeResend, **extra: str) -> Settings:
@@ -122,24 +113,29 @@ def test_a_generation_error_is_raised_and_stops_the_sending(
 ) -> None:
     seed(postgres_url, _world)
     real = pipeline.generate_digests
-    calls: list[Any] = []
+    pages: list[str] = []
 
-    def fails_on_the_second_page(*args: Any, **kwargs: Any) -> GenerateReport:
-        calls.append(kwargs["user_range"])
-        if len(calls) == 2:
+    def fails_after_the_first_page(*args: Any, **kwargs: Any) -> GenerateReport:
+        report_page = kwargs["on_page"]
+
+        def on_page(last_id: str) -> None:
+            pages.append(last_id)
+            report_page(last_id)
             raise RuntimeError("generation broke")
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "generate_digests", fails_on_the_second_page)
+        return real(*args, **{**kwargs, "on_page": on_page})
+
+    monkeypatch.setattr(pipeline, "generate_digests", fails_after_the_first_page)
     fake = FakeResend()
     fake.start()
     try:
         s = _settings(postgres_url, fake)
         engine = create_db_engine(postgres_url)
-        with pytest.raises(RuntimeError, match="generation broke"):
+        with pytest.raises(RuntimeError, match="generation failed") as info:
             generate_and_send(engine, resend_sender(s), s, NOW, (None, None), clock=s.now)
         engine.dispose()
     finally:
         fake.stop()
-    assert len(calls) == 2  # the worker stopped at its error
-    assert len(fake.sent) <= 2  # at most the first page (2 users) was sent
+        assert "generation broke" in str(info.value.__cause__)
+    assert pages == ["u-02"]  # generation stopped at its error, after its first page
+    assert len(fake.sent) <= 2  # only users of that page (2) can have been sent
