@@ -58,8 +58,9 @@ PENDING_STATUSES = ("scheduled", "failed")
 # creation take pg_advisory_xact_lock(GENERATION_LOCK_NAMESPACE, hashtext(user id)) for every user whose
 # "does this user already have a digest?" read and insert they are about to make, so two of them never
 # interleave those for the same user, while generators over different users never wait on each other.
-# Keys are computed by Postgres (hashtext), so every caller derives the same key from an id. Distinct
-# from the send claims' namespace (delivery.CLAIM_NAMESPACE): a send never waits on a generation.
+# Keys are computed by Postgres (hashtext, the server's own text hash), so every caller derives the same
+# key from an id on that server; two ids sharing a key only make their generators wait for each other.
+# Distinct from the send claims' namespace (delivery.CLAIM_NAMESPACE): a send never waits on a generation.
 GENERATION_LOCK_NAMESPACE = 0x64626267
 
 
