@@ -36,6 +36,7 @@ import os
 import resource
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,9 +69,21 @@ PARTITION = "2026-02-08-08:00"
 WALL = HOUR + timedelta(seconds=5)
 
 
-def hourly_job() -> dg.JobDefinition:
-    """Module level, so the step processes can rebuild the job (settings come from the environment)."""
-    return make_definitions().resolve_job_def("digest_hourly_job")
+def hourly_job(env: dict[str, str]) -> dg.JobDefinition:
+    """Module level, so the step processes can rebuild the job. The settings travel as the job's
+    reconstruction arguments, not through ``os.environ``: a forkserver started by an earlier run of this
+    process would hand its step processes that run's environment (another database)."""
+    return make_definitions(env).resolve_job_def("digest_hourly_job")
+
+
+def _reconstructable(env: dict[str, str]) -> dg.ReconstructableJob:
+    here = Path(__file__).resolve().parent
+    return dg.build_reconstructable_job(
+        "scale_benchmark",
+        "hourly_job",
+        reconstructable_kwargs={"env": env},
+        reconstructor_working_directory=str(here),
+    )
 
 
 # ------------------------------------------------------------------------------------------- seeding
@@ -229,16 +242,101 @@ def _counts(url: str) -> dict[str, int]:
 # -------------------------------------------------------------------------------------------- the runs
 
 
-def run_job(url: str, env: dict[str, str], workers: int) -> dict[str, Any]:
-    os.environ.update(env)
-    with tempfile.TemporaryDirectory() as home, dg.instance_for_test(temp_dir=home) as instance:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+class StepMemory:
+    """Peak RSS (``VmHWM``) of the step processes, sampled from ``/proc`` every 0.2 s while a run goes:
+    the processes spawned by this one (``spawn``) or forked by its forkserver. ``RUSAGE_CHILDREN`` sees
+    only the former (the forkserver, alive until this process exits, reaps the latter)."""
+
+    def __init__(self) -> None:
+        self.peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _read(pid: str) -> tuple[int, str, int]:
+        """(parent pid, command line, VmHWM in kB) of a process."""
+        proc = Path("/proc") / pid
+        ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        hwm = next(
+            (
+                int(line.split()[1])
+                for line in (proc / "status").read_text().splitlines()
+                if line.startswith("VmHWM:")
+            ),
+            0,
+        )
+        return ppid, cmdline, hwm
+
+    def _scan(self) -> None:
+        me = os.getpid()
+        procs = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    procs[int(entry.name)] = self._read(entry.name)
+                except (OSError, ValueError, IndexError):
+                    continue
+        forkservers = {pid for pid, (ppid, cmd, _) in procs.items() if ppid == me and "forkserver" in cmd}
+        for _pid, (ppid, cmd, hwm) in procs.items():
+            if (ppid == me and "spawn_main" in cmd) or ppid in forkservers:
+                self.peak_kb = max(self.peak_kb, hwm)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            self._scan()
+
+    def __enter__(self) -> StepMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _step_times(instance: dg.DagsterInstance, run_id: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Per step: the start-up (the executor asks for a worker process → the step starts in it) and the
+    step's own time (start → success), from the run's event log."""
+    asked: dict[str, float] = {}
+    starts: dict[str, float] = {}
+    startup: dict[str, float] = {}
+    steps: dict[str, float] = {}
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        kind = event.event_type_value
+        if kind == "STEP_WORKER_STARTING":
+            asked[event.step_key] = record.timestamp
+        elif kind == "STEP_START":
+            starts[event.step_key] = record.timestamp
+            if event.step_key in asked:
+                startup[event.step_key] = record.timestamp - asked[event.step_key]
+        elif kind == "STEP_SUCCESS":
+            steps[event.step_key] = record.timestamp - starts[event.step_key]
+    return startup, steps
+
+
+def run_job(env: dict[str, str], workers: int, start_method: str) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory() as home,
+        dg.instance_for_test(temp_dir=home) as instance,
+        StepMemory() as memory,
+    ):
         started = time.perf_counter()
+        multiprocess: dict[str, Any] = {"max_concurrent": workers}
+        if start_method != "default":
+            multiprocess["start_method"] = {
+                start_method: {"preload_modules": ["dbb_orchestration.definitions"]}
+                if start_method == "forkserver"
+                else {}
+            }
         with dg.execute_job(
-            dg.reconstructable(hourly_job),
+            _reconstructable(env),
             instance=instance,
             run_config={
-                "execution": {"config": {"multiprocess": {"max_concurrent": workers}}},
+                "execution": {"config": {"multiprocess": multiprocess}},
                 "loggers": {"console": {"config": {"log_level": "WARNING"}}},
             },
             tags={"dagster/partition": PARTITION},
@@ -246,27 +344,17 @@ def run_job(url: str, env: dict[str, str], workers: int) -> dict[str, Any]:
             total = time.perf_counter() - started
             if not result.success:
                 raise RuntimeError("digest_hourly_job failed")
-            starts: dict[str, float] = {}
-            steps: dict[str, float] = {}
-            for record in instance.all_logs(result.run_id):
-                event = record.dagster_event
-                if event is None or event.step_key is None:
-                    continue
-                if event.event_type_value == "STEP_START":
-                    starts[event.step_key] = record.timestamp
-                elif event.event_type_value == "STEP_SUCCESS":
-                    steps[event.step_key] = record.timestamp - starts[event.step_key]
+            startup, steps = _step_times(instance, result.run_id)
             generated = result.output_for_node(SUMMARY_OP, "generated")
             sent = result.output_for_node(SUMMARY_OP, "sent")
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {
         "total": total,
+        "startup": startup,
         "steps": steps,
         "generated": generated,
         "sent": sent,
-        "peak_child_rss_mb": peak_kb / 1024,
-        "peak_grew": peak_kb > before,
-        "digests": _counts(url),
+        "peak_step_rss_mb": memory.peak_kb / 1024,
+        "digests": _counts(env["DATABASE_URL"]),
     }
 
 
@@ -312,11 +400,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users-per-step", type=int, default=10_000)
     parser.add_argument("--workers", default="1,2", help="comma-separated worker process counts")
     parser.add_argument("--slices", type=int, default=3)
+    parser.add_argument(
+        "--start-method",
+        choices=("default", "spawn", "forkserver"),
+        default="default",
+        help="how the multiprocess executor starts step processes (default: the job's own setting)",
+    )
     parser.add_argument("--slice-only", action="store_true", help="skip the job runs")
     parser.add_argument("--reuse", action="store_true", help="reuse the seeded database when present")
     parser.add_argument("--keep", action="store_true", help="keep the seeded database")
     args = parser.parse_args(argv)
 
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # the step processes inherit it
     server = Server(args.admin_url)
     base = f"dbb_bench_scale_{args.users}_{args.docs}"
     print(f"== {args.users:,} users × {args.docs} notes, {args.users_per_step:,} users per batch step")
@@ -330,16 +425,26 @@ def main(argv: list[str] | None = None) -> int:
             if not args.slice_only:
                 for workers in (int(w) for w in args.workers.split(",")):
                     with server.copy_of(base, f"{base}_run{workers}") as url:
-                        run = run_job(url, _env(url, resend_url, args.users_per_step), workers)
+                        run = run_job(_env(url, resend_url, args.users_per_step), workers, args.start_method)
                     batches = sorted(v for k, v in run["steps"].items() if k.startswith(BATCH_OP))
-                    print(f"\n== digest_hourly_job, multiprocess executor, {workers} worker process(es)")
+                    startup = sorted(run["startup"].values())
+                    print(
+                        f"\n== digest_hourly_job, multiprocess executor ({args.start_method} start method), "
+                        f"{workers} worker process(es)"
+                    )
                     print(f"   wall time {run['total']:.1f} s; {len(batches)} batch steps")
                     if batches:
                         print(
                             f"   batch step time: min {batches[0]:.1f} s, median {batches[len(batches) // 2]:.1f} s, "
                             f"max {batches[-1]:.1f} s, sum {sum(batches):.1f} s"
                         )
-                    print(f"   peak RSS of a step process: {run['peak_child_rss_mb']:.0f} MB")
+                    if startup:
+                        print(
+                            f"   step start-up (worker asked for → step started), {len(startup)} steps: "
+                            f"min {startup[0]:.2f} s, median {startup[len(startup) // 2]:.2f} s, "
+                            f"max {startup[-1]:.2f} s, sum {sum(startup):.1f} s"
+                        )
+                    print(f"   peak RSS of a step process (VmHWM): {run['peak_step_rss_mb']:.0f} MB")
                     print(
                         f"   digest rows created {run['generated']:,}, sent {run['sent']:,}; now {run['digests']}"
                     )

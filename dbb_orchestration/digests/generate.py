@@ -20,12 +20,20 @@ creates nothing that exists.
 the location's clock creates nothing (``outside_catch_up_window``); see :func:`outside_catch_up_window`.
 
 **Shape.** Per batch of users (``Settings.digest_batch_size``, keyset pagination by user id) a fixed set
-of statements — advisory lock, users + settings + Pro flag, the users' last sends and digests near the
-logical time (one ``UNION ALL``), candidate documents with review states (only for users who need a
+of statements — users + settings + Pro flag with a lock per user, the users' last sends and digests near
+the logical time (one ``UNION ALL``), candidate documents with review states (only for users who need a
 digest), and one insert of the digests with their items (one statement on Postgres) — around pure
-decisions. Each batch is its own transaction. Two generations running at once are serialised batch by
-batch by a Postgres advisory lock (see ``queries.DIGEST_LOCK_KEY``), so the second sees the first
-one's digests.
+decisions. Each batch is its own transaction.
+
+**Concurrency.** On Postgres the first statement of a batch also takes a transaction-scoped advisory
+lock per user of the batch (``queries.load_and_lock_user_batch``, namespace
+``queries.GENERATION_LOCK_NAMESPACE``), in key order, before the digests are read; the seed digest
+(``seed.py``) takes the same lock for its user. So two generations over the same users (two hours, the
+same hour twice, a first-digest seed) never interleave their "already has a digest on that day?" read
+and their insert for one user: the second waits for the first one's commit and then sees its digests.
+Generations over different users (the batch steps of one run, whose ranges are disjoint) hold
+different locks and never wait on each other. A batch holds up to ``digest_batch_size`` locks until it
+commits (docs/deployment.md: Postgres's lock table).
 """
 
 from __future__ import annotations
@@ -44,11 +52,10 @@ from dbb_orchestration.digests.queries import (
     GenerationFacts,
     NewDigest,
     UserRow,
-    advisory_xact_lock,
     insert_digests_with_items,
+    load_and_lock_user_batch,
     load_candidates,
     load_generation_facts,
-    load_user_batch,
 )
 from dbb_orchestration.digests.selection import Candidate, daily_seed, select_notes
 from dbb_orchestration.plans import (
@@ -301,8 +308,7 @@ def generate_digests(
     after, upto = user_range
     while True:
         with engine.begin() as conn:
-            advisory_xact_lock(conn)
-            users = load_user_batch(conn, after=after, upto=upto, limit=settings.digest_batch_size)
+            users = load_and_lock_user_batch(conn, after=after, upto=upto, limit=settings.digest_batch_size)
             if not users:
                 break
             after = users[-1].id

@@ -23,7 +23,7 @@ from dbb_orchestration.db.bulk import in_ids, insert_many
 from dbb_orchestration.db.engine import is_postgres
 
 __all__ = [
-    "DIGEST_LOCK_KEY",
+    "GENERATION_LOCK_NAMESPACE",
     "PENDING_STATUSES",
     "ClaimedDigests",
     "DeliveryUser",
@@ -34,7 +34,6 @@ __all__ = [
     "ReviewBounds",
     "ReviewRow",
     "UserRow",
-    "advisory_xact_lock",
     "find_first_digest_users",
     "insert_digests_with_items",
     "load_candidates",
@@ -47,28 +46,51 @@ __all__ = [
     "load_latest_digests",
     "load_marked_in_scope",
     "load_review_states",
+    "load_and_lock_user_batch",
     "load_user_batch",
     "lock_claimed_digests",
+    "lock_users_for_generation",
     "record_outcomes_postgres",
 ]
 
 RowT = TypeVar("RowT")
 
 PENDING_STATUSES = ("scheduled", "failed")
-# pg_advisory_xact_lock key shared by digest generation and seed-digest creation ("dbbdigs" in ASCII):
-# two generations (or a generation and a seed) for the same users never interleave their
-# "does this user already have today's digest?" read and their insert.
-DIGEST_LOCK_KEY = 0x64626264696773
+# Advisory-lock namespace ("dbbg") of the per-user generation locks: digest generation and seed-digest
+# creation take pg_advisory_xact_lock(GENERATION_LOCK_NAMESPACE, hashtext(user id)) for every user whose
+# "does this user already have a digest?" read and insert they are about to make, so two of them never
+# interleave those for the same user, while generators over different users never wait on each other.
+# Keys are computed by Postgres (hashtext, the server's own text hash), so every caller derives the same
+# key from an id on that server; two ids sharing a key only make their generators wait for each other.
+# Distinct from the send claims' namespace (delivery.CLAIM_NAMESPACE): a send never waits on a generation.
+GENERATION_LOCK_NAMESPACE = 0x64626267
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def advisory_xact_lock(conn: sa.Connection, key: int = DIGEST_LOCK_KEY) -> None:
-    """Postgres: wait for the transaction-scoped advisory lock ``key`` (released at commit/rollback).
-    SQLite: nothing (a SQLite database has one writer at a time anyway)."""
-    if is_postgres(conn):
-        conn.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
+def _generation_lock_key(user_id: sa.ColumnElement[Any]) -> sa.ColumnElement[int]:
+    return sa.func.hashtext(user_id, type_=sa.Integer())
+
+
+def _lock_keys_in_order(keys: sa.Subquery) -> sa.Select[Any]:
+    """``pg_advisory_xact_lock`` on each distinct key of ``keys.c.k``, in ascending key order: Postgres
+    evaluates volatile output expressions after the sort (since 9.6), so every locker takes its keys in
+    the same order and two lockers over overlapping users cannot deadlock."""
+    locked = sa.func.pg_advisory_xact_lock(GENERATION_LOCK_NAMESPACE, keys.c.k, type_=sa.types.NullType())
+    return sa.select(keys.c.k, locked.label("locked")).order_by(keys.c.k)
+
+
+def lock_users_for_generation(conn: sa.Connection, user_ids: Sequence[str]) -> None:
+    """Postgres: wait for the transaction-scoped generation lock of each of these users (released at
+    commit/rollback), all in one statement, in key order. SQLite: nothing (a SQLite database has one
+    writer at a time anyway)."""
+    if not user_ids or not is_postgres(conn):
+        return
+    array = sa.bindparam("ids", list(user_ids), type_=postgresql.ARRAY(sa.Text()))
+    ids = sa.func.unnest(array).table_valued("id").render_derived(name="ids")
+    keys = sa.select(_generation_lock_key(ids.c.id).label("k")).distinct().subquery("keys")
+    conn.execute(_lock_keys_in_order(keys)).all()
 
 
 # --------------------------------------------------------------------------------------------- loaders
@@ -91,19 +113,14 @@ class UserRow:
     has_pro_subscription: bool
 
 
-def load_user_batch(
-    conn: sa.Connection,
+def _user_batch_select(
     *,
     after: str | None,
     limit: int,
     verified_only: bool = False,
     only_user_id: str | None = None,
     upto: str | None = None,
-) -> list[UserRow]:
-    """The next ``limit`` users with ``id > after`` (keyset pagination, ``None`` = from the start) ordered
-    by id, joined with their settings and Pro flag: one statement. ``verified_only`` keeps users with a
-    non-blank email and ``email_verified``; ``only_user_id`` restricts to that one user; ``upto`` stops
-    at ids ``<= upto`` (the end of a batch step's range, ``None`` = no end)."""
+) -> sa.Select[Any]:
     u, s = t.user, t.user_settings
     pro = has_pro_subscription_sql(u.c.id)
     stmt = (
@@ -131,6 +148,10 @@ def load_user_batch(
         stmt = stmt.where(u.c.id == only_user_id)
     if verified_only:
         stmt = stmt.where(sendable_sql(u))
+    return stmt
+
+
+def _user_rows(result: sa.Result[Any]) -> list[UserRow]:
     return [
         UserRow(
             id=r.id,
@@ -144,8 +165,51 @@ def load_user_batch(
             preferred_send_hour=r.preferred_send_hour,
             has_pro_subscription=bool(r.has_pro_subscription),
         )
-        for r in conn.execute(stmt).all()
+        for r in result.all()
     ]
+
+
+def load_user_batch(
+    conn: sa.Connection,
+    *,
+    after: str | None,
+    limit: int,
+    verified_only: bool = False,
+    only_user_id: str | None = None,
+    upto: str | None = None,
+) -> list[UserRow]:
+    """The next ``limit`` users with ``id > after`` (keyset pagination, ``None`` = from the start) ordered
+    by id, joined with their settings and Pro flag: one statement. ``verified_only`` keeps users with a
+    non-blank email and ``email_verified``; ``only_user_id`` restricts to that one user; ``upto`` stops
+    at ids ``<= upto`` (the end of a batch step's range, ``None`` = no end)."""
+    stmt = _user_batch_select(
+        after=after, limit=limit, verified_only=verified_only, only_user_id=only_user_id, upto=upto
+    )
+    return _user_rows(conn.execute(stmt))
+
+
+def load_and_lock_user_batch(
+    conn: sa.Connection, *, after: str | None, upto: str | None, limit: int
+) -> list[UserRow]:
+    """:func:`load_user_batch`'s page of users, and on Postgres, in the SAME statement, the generation
+    lock of every user of the page (:data:`GENERATION_LOCK_NAMESPACE`, transaction-scoped: held until
+    the caller's transaction ends), taken in key order. The statement returns only once every lock is
+    held, so the caller's next statement (its own snapshot) sees every digest committed by whoever held
+    one of these users before. The page's users and settings are read with the statement's snapshot,
+    taken before the locks: only the digest reads must come after them.
+
+    The page is a CTE; the locks are a second CTE over its distinct keys that a one-time filter counts
+    before any row is returned (a CTE with a volatile function is always evaluated in full, never
+    inlined). A transaction holds up to ``limit`` advisory locks: see docs/deployment.md on
+    ``max_locks_per_transaction``."""
+    stmt = _user_batch_select(after=after, limit=limit, upto=upto)
+    if not is_postgres(conn):
+        return _user_rows(conn.execute(stmt))
+    page = stmt.cte("page")
+    keys = sa.select(_generation_lock_key(page.c.id).label("k")).distinct().subquery("keys")
+    locks = _lock_keys_in_order(keys).cte("locks")
+    all_locked = sa.select(sa.func.count()).select_from(locks).scalar_subquery() >= 0
+    return _user_rows(conn.execute(sa.select(page).where(all_locked).order_by(page.c.id)))
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from dbb_orchestration.audience import plan_for
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.bulk import insert_many
 from dbb_orchestration.digests.queries import (
-    advisory_xact_lock,
     load_latest_digests,
     load_user_batch,
+    lock_users_for_generation,
 )
 from dbb_orchestration.plans import DeploymentMode, effective_notes_per_digest
 from dbb_orchestration.timing import as_utc
@@ -95,12 +95,13 @@ def create_seed_digest_if_needed(
     nothing of the skip (``reason``, ``superseded_by``, an old idempotency key …) stays on a digest that
     is then sent. No documents (or 0 notes per digest) → nothing is written.
 
-    On Postgres it first takes the digest generation advisory lock (transaction-scoped), so it never
-    interleaves with the hourly generation's read-then-insert for the same user. ``now`` must be
+    On Postgres it first takes the user's generation lock (a transaction-scoped advisory lock, see
+    ``queries.GENERATION_LOCK_NAMESPACE``), so it never interleaves with the hourly generation's
+    read-then-insert for the same user, and never waits on generation of other users. ``now`` must be
     timezone-aware (naive → ``ValueError``); it is also written to ``created_at``/``updated_at``.
     """
     now = as_utc(now, "now")
-    advisory_xact_lock(conn)
+    lock_users_for_generation(conn, [user_id])
     latest = load_latest_digests(conn, [user_id]).get(user_id)
     if latest is not None and latest.status != "skipped":
         return SeedResult("has_digest", latest.id)

@@ -30,9 +30,19 @@ PARTITION = "2026-02-08-08:00"
 USERS = ["u-01", "u-02", "u-03", "u-04", "u-05", "u-06", "u-07"]  # u-07 has another send hour
 
 
-def hourly_job() -> dg.JobDefinition:
-    """Module level, so Dagster can rebuild the job in other processes (settings come from the env)."""
-    return make_definitions().resolve_job_def("digest_hourly_job")
+def hourly_job(overrides: dict[str, str] | None = None) -> dg.JobDefinition:
+    """Module level, so Dagster can rebuild the job in other processes: settings from ``overrides`` (the
+    job's reconstruction arguments) over the environment."""
+    return make_definitions(overrides).resolve_job_def("digest_hourly_job")
+
+
+def reconstructable_hourly_job(overrides: dict[str, str]) -> dg.ReconstructableJob:
+    """The job for the multiprocess executor with its settings carried by the reconstruction arguments,
+    not ``os.environ``: the step processes are forked from a forkserver that keeps the environment of
+    the first run of this (test) process, another test's database."""
+    return dg.build_reconstructable_job(
+        __name__, "hourly_job", reconstructable_kwargs={"overrides": overrides}
+    )
 
 
 def hourly_job_without_retries() -> dg.JobDefinition:
@@ -93,6 +103,22 @@ def test_counts_add_up_numbers_and_dicts_and_keep_agreeing_values() -> None:
     assert add_counts([]) == {}
 
 
+def test_multiprocess_steps_start_from_a_forkserver_unless_the_run_says_otherwise() -> None:
+    job = make_definitions().resolve_job_def("digest_hourly_job")
+
+    def resolved(execution: dict[str, Any] | None) -> dict[str, Any]:
+        run_config = {} if execution is None else {"execution": {"config": execution}}
+        return dict(dg.validate_run_config(job, run_config)["execution"]["multi_or_in_process_executor"])
+
+    forkserver = {"forkserver": {"preload_modules": ["dbb_orchestration.definitions"]}}
+    assert resolved(None)["multiprocess"]["start_method"] == forkserver
+    with_workers = resolved({"multiprocess": {"max_concurrent": 2}})["multiprocess"]
+    assert with_workers["start_method"] == forkserver and with_workers["max_concurrent"] == 2
+    spawn = resolved({"multiprocess": {"start_method": {"spawn": {}}}})["multiprocess"]
+    assert spawn["start_method"] == {"spawn": {}}
+    assert "multiprocess" not in resolved({"in_process": {}})
+
+
 def test_executor_setting() -> None:
     assert digest_executor_kind({}) == "multiprocess"
     assert digest_executor_kind({"DIGEST_EXECUTOR": "k8s"}) == "k8s"
@@ -139,7 +165,7 @@ def _emails(fake: FakeResend) -> list[tuple[str, str]]:
 
 @pytest.mark.postgres
 def test_multiprocess_run_makes_the_same_digests_and_emails_as_in_process(
-    postgres_databases: PostgresDatabases, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_databases: PostgresDatabases, tmp_path: Path
 ) -> None:
     outcomes = []
     for execution in ({"in_process": {}}, {"multiprocess": {"max_concurrent": 2}}):
@@ -148,13 +174,13 @@ def test_multiprocess_run_makes_the_same_digests_and_emails_as_in_process(
         fake = FakeResend()
         fake.start()
         try:
-            _set_env(monkeypatch, {**env(url, fake), "DIGEST_USERS_PER_STEP": "2"})
+            settings = {**env(url, fake), "DIGEST_USERS_PER_STEP": "2"}
             home = tmp_path / next(iter(execution))
             home.mkdir()
             with (
                 dg.instance_for_test(temp_dir=str(home)) as instance,
                 dg.execute_job(
-                    dg.reconstructable(hourly_job),
+                    reconstructable_hourly_job(settings),
                     instance=instance,
                     run_config={"execution": {"config": execution}},
                     tags={"dagster/partition": PARTITION},

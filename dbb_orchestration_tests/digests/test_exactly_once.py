@@ -10,10 +10,13 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from dbb_orchestration.config import Settings
 from dbb_orchestration.content import ContentKeyring
 from dbb_orchestration.db import tables as t
 from dbb_orchestration.db.engine import is_postgres
 from dbb_orchestration.digests.generate import generate_digests
+from dbb_orchestration.digests.queries import GENERATION_LOCK_NAMESPACE
+from dbb_orchestration.digests.seed import create_seed_digest_if_needed
 from dbb_orchestration.digests.send import SendReport, send_due_digests
 from dbb_orchestration.email.sender import BatchResult, OutgoingEmail, ResendSender, SendResult
 from dbb_orchestration.testing import FakeResend
@@ -124,6 +127,168 @@ def test_two_concurrent_generations_make_one_digest_per_user(engine: sa.Engine) 
             sa.select(t.note_digests.c.user_id, sa.func.count()).group_by(t.note_digests.c.user_id)
         ).all()
     assert len(per_user) == 20 and {n for _u, n in per_user} == {1}
+
+
+def _users_with_notes(engine: sa.Engine, ids: Sequence[str]) -> None:
+    with engine.begin() as conn:
+        for uid in ids:
+            f.user(conn, uid)
+            conn_id = f.connection(conn, uid)
+            for k in range(2):
+                f.document(conn, uid, conn_id, external_id=f"{uid}-{k}")
+
+
+def _digests_per_user(engine: sa.Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        d = t.note_digests
+        return dict(conn.execute(sa.select(d.c.user_id, sa.func.count()).group_by(d.c.user_id)).all())
+
+
+def _waiting_generation_locks(engine: sa.Engine) -> int:
+    """Generation locks (advisory, two-int namespace) that a session of this database waits for."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                    "AND objsubid = 2 AND classid = :ns "
+                    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+                ),
+                {"ns": GENERATION_LOCK_NAMESPACE},
+            ).scalar_one()
+        )
+
+
+class PausedBeforeInsert:
+    """Runs ``generate_digests`` in a thread that stops right before its batch's insert (its users' locks
+    held, its "already has a digest?" read done) until :meth:`release`: a real transaction held open at
+    the worst moment for a concurrent generator. No SQL is faked: the statement just waits to be sent."""
+
+    def __init__(
+        self, engine: sa.Engine, settings: Settings, user_range: tuple[str | None, str | None]
+    ) -> None:
+        self.engine = engine
+        self.at_insert = threading.Event()
+        self._release = threading.Event()
+        self.created: list[int] = []
+        self.errors: list[BaseException] = []
+        self.thread = threading.Thread(target=self._run, args=(settings, user_range))
+        sa.event.listen(engine, "before_cursor_execute", self._pause)
+
+    def _pause(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if threading.current_thread() is self.thread and "INSERT INTO note_digests" in statement:
+            self.at_insert.set()
+            self._release.wait(timeout=60)
+
+    def _run(self, settings: Settings, user_range: tuple[str | None, str | None]) -> None:
+        try:
+            self.created.append(
+                generate_digests(self.engine, NOW, settings, user_range=user_range).rows_created
+            )
+        except BaseException as exc:  # surfaced by the test
+            self.errors.append(exc)
+
+    def start(self) -> None:
+        self.thread.start()
+        assert self.at_insert.wait(timeout=60), "the paused generation never reached its insert"
+
+    def release(self) -> None:
+        self._release.set()
+        self.thread.join(timeout=60)
+        sa.event.remove(self.engine, "before_cursor_execute", self._pause)
+        assert not self.errors
+
+
+def _generate_in_thread(
+    engine: sa.Engine, settings: Settings, user_range: tuple[str | None, str | None]
+) -> tuple[threading.Thread, threading.Event, list[Any]]:
+    done = threading.Event()
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(generate_digests(engine, NOW, settings, user_range=user_range).rows_created)
+        except BaseException as exc:  # surfaced by the test
+            out.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, done, out
+
+
+def test_overlapping_generations_wait_per_user_and_make_one_digest_each(engine: sa.Engine) -> None:
+    """Generator A stops between its read and its insert; B, over users that overlap A's, must wait for
+    A's commit and then see A's digests. Without a per-user lock B reads "no digest yet", inserts,
+    and A's insert then duplicates the overlap (u03…u07)."""
+    require_postgres(engine)
+    ids = [f"u{n:02d}" for n in range(10)]
+    _users_with_notes(engine, ids)
+    s = settings_for(engine, digest_batch_size=100)
+    a = PausedBeforeInsert(engine, s, (None, "u07"))  # u00…u07
+    a.start()
+    thread, done, out = _generate_in_thread(engine, s, ("u02", None))  # u03…u09
+    while not done.is_set() and _waiting_generation_locks(engine) == 0:
+        done.wait(timeout=0.05)
+    b_waited = not done.is_set()
+    a.release()
+    thread.join(timeout=60)
+    assert b_waited  # B was waiting on a lock of the overlap while A held it
+    assert a.created == [8] and out == [2]  # B made only the two users A does not cover
+    assert _digests_per_user(engine) == dict.fromkeys(ids, 1)
+
+
+def test_generations_over_disjoint_ranges_never_wait_on_each_other(engine: sa.Engine) -> None:
+    """The batch steps of one run: A holds its range's locks (stopped before its insert) while B
+    generates the next range to the end, then A finishes."""
+    require_postgres(engine)
+    ids = [f"u{n:02d}" for n in range(10)]
+    _users_with_notes(engine, ids)
+    s = settings_for(engine, digest_batch_size=100)
+    a = PausedBeforeInsert(engine, s, (None, "u04"))  # u00…u04
+    a.start()
+    thread, done, out = _generate_in_thread(engine, s, ("u04", None))  # u05…u09
+    finished_while_a_held_its_locks = done.wait(timeout=60)
+    a.release()
+    thread.join(timeout=60)
+    assert finished_while_a_held_its_locks and out == [5]
+    assert a.created == [5]
+    assert _digests_per_user(engine) == dict.fromkeys(ids, 1)
+
+
+def test_a_seed_digest_waits_only_for_a_generation_of_its_own_user(engine: sa.Engine) -> None:
+    """A seed (the first sync) for a user whose generation batch is in flight waits for it and then
+    finds its digest; a seed for a user outside that batch goes ahead."""
+    require_postgres(engine)
+    ids = [f"u{n:02d}" for n in range(4)]
+    _users_with_notes(engine, ids)
+    s = settings_for(engine, digest_batch_size=100)
+    a = PausedBeforeInsert(engine, s, (None, "u01"))  # u00, u01
+    a.start()
+    with engine.begin() as conn:  # another user: no wait
+        assert create_seed_digest_if_needed(conn, "u03", clock()).outcome == "created"
+    results: list[Any] = []
+    done = threading.Event()
+
+    def seed_u01() -> None:
+        try:
+            with engine.begin() as conn:
+                results.append(create_seed_digest_if_needed(conn, "u01", clock()).outcome)
+        except BaseException as exc:  # surfaced below
+            results.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=seed_u01)
+    thread.start()
+    while not done.is_set() and _waiting_generation_locks(engine) == 0:
+        done.wait(timeout=0.05)
+    seed_waited = not done.is_set()
+    a.release()
+    thread.join(timeout=60)
+    assert seed_waited and results == ["has_digest"]  # it saw the generation's digest once it committed
+    assert _digests_per_user(engine) == {"u00": 1, "u01": 1, "u03": 1}
 
 
 class SimulatedKill(BaseException):
