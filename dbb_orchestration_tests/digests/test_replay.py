@@ -26,7 +26,7 @@ from dbb_orchestration.email.sender import RecordingSender
 from dbb_orchestration.testing import FakeResend
 from dbb_orchestration.testing import factories as f
 from dbb_orchestration_tests.conftest import resend_sender
-from dbb_orchestration_tests.digests.test_batches import PARTITION, _world, hourly_job
+from dbb_orchestration_tests.digests.test_batches import PARTITION, _world, reconstructable_hourly_job
 from dbb_orchestration_tests.digests.test_defs import env, query, seed
 from dbb_orchestration_tests.digests.test_exactly_once import (
     KEYRING,
@@ -216,7 +216,7 @@ def test_replays_go_in_pages_each_batch_under_its_recorded_key(
 
 @pytest.mark.postgres
 def test_the_hourly_job_replays_a_batch_spanning_its_batch_steps_once(
-    postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_url: str, tmp_path: Path
 ) -> None:
     """Through Dagster, batch steps of 2 users in child processes: the killed run's one batch of 6
     digests spans three steps, whose replays race; the batch claim lets exactly one resend it."""
@@ -225,8 +225,6 @@ def test_the_hourly_job_replays_a_batch_spanning_its_batch_steps_once(
     fake.start()
     try:
         values = {**env(postgres_url, fake), "DIGEST_USERS_PER_STEP": "2"}
-        for name, value in values.items():
-            monkeypatch.setenv(name, value)
         settings = Settings.from_env(values)
         engine = create_db_engine(postgres_url, poolclass=sa.pool.NullPool)
         try:
@@ -242,7 +240,7 @@ def test_the_hourly_job_replays_a_batch_spanning_its_batch_steps_once(
         with (
             dg.instance_for_test(temp_dir=str(tmp_path)) as instance,
             dg.execute_job(
-                dg.reconstructable(hourly_job),
+                reconstructable_hourly_job(values),  # settings travel with the job, not os.environ
                 instance=instance,
                 run_config={"execution": {"config": {"multiprocess": {"max_concurrent": 3}}}},
                 tags={"dagster/partition": PARTITION},
