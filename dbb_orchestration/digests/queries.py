@@ -113,6 +113,23 @@ class UserRow:
     has_pro_subscription: bool
 
 
+def _user_row_columns(u: sa.Table, s: sa.Table) -> list[sa.ColumnElement[Any]]:
+    """The columns of a :class:`UserRow`: the user, their settings (``has_settings`` when a row exists)
+    and the Pro flag (``audience.has_pro_subscription_sql``)."""
+    return [
+        u.c.id,
+        u.c.name,
+        u.c.email,
+        u.c.email_verified,
+        s.c.user_id.is_not(None).label("has_settings"),
+        s.c.digest_interval_days,
+        s.c.notes_per_digest,
+        s.c.timezone,
+        s.c.preferred_send_hour,
+        has_pro_subscription_sql(u.c.id).label("has_pro_subscription"),
+    ]
+
+
 def _user_batch_select(
     *,
     after: str | None,
@@ -122,20 +139,8 @@ def _user_batch_select(
     upto: str | None = None,
 ) -> sa.Select[Any]:
     u, s = t.user, t.user_settings
-    pro = has_pro_subscription_sql(u.c.id)
     stmt = (
-        sa.select(
-            u.c.id,
-            u.c.name,
-            u.c.email,
-            u.c.email_verified,
-            s.c.user_id.is_not(None).label("has_settings"),
-            s.c.digest_interval_days,
-            s.c.notes_per_digest,
-            s.c.timezone,
-            s.c.preferred_send_hour,
-            pro.label("has_pro_subscription"),
-        )
+        sa.select(*_user_row_columns(u, s))
         .select_from(u.outerjoin(s, s.c.user_id == u.c.id))
         .order_by(u.c.id)
         .limit(limit)
@@ -577,20 +582,7 @@ def load_delivery_users(
         .scalar_subquery()
     )
     stmt = (
-        sa.select(
-            u.c.id,
-            u.c.name,
-            u.c.email,
-            u.c.email_verified,
-            s.c.user_id.is_not(None).label("has_settings"),
-            s.c.digest_interval_days,
-            s.c.notes_per_digest,
-            s.c.timezone,
-            s.c.preferred_send_hour,
-            has_pro_subscription_sql(u.c.id).label("has_pro_subscription"),
-            last.label("last_sent_at"),
-            marked.label("marked_at"),
-        )
+        sa.select(*_user_row_columns(u, s), last.label("last_sent_at"), marked.label("marked_at"))
         .select_from(u.outerjoin(s, s.c.user_id == u.c.id))
         .where(sendable_sql(u))
         .order_by(u.c.id)
