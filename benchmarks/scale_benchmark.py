@@ -226,7 +226,6 @@ def _env(url: str, resend_url: str, users_per_step: int) -> dict[str, str]:
         "FRONTEND_URL": "https://app.example.test",
         "DIGEST_USERS_PER_STEP": str(users_per_step),
         "DIGEST_EXECUTOR": "multiprocess",
-        "PYTHONWARNINGS": "ignore",
     }
 
 
