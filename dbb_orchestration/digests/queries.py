@@ -156,22 +156,24 @@ def _user_batch_select(
     return stmt
 
 
+def _user_row(r: Any) -> UserRow:
+    """A :class:`UserRow` from a row holding :func:`_user_row_columns`."""
+    return UserRow(
+        id=r.id,
+        name=r.name,
+        email=r.email,
+        email_verified=bool(r.email_verified),
+        has_settings=bool(r.has_settings),
+        digest_interval_days=r.digest_interval_days,
+        notes_per_digest=r.notes_per_digest,
+        timezone=r.timezone,
+        preferred_send_hour=r.preferred_send_hour,
+        has_pro_subscription=bool(r.has_pro_subscription),
+    )
+
+
 def _user_rows(result: sa.Result[Any]) -> list[UserRow]:
-    return [
-        UserRow(
-            id=r.id,
-            name=r.name,
-            email=r.email,
-            email_verified=bool(r.email_verified),
-            has_settings=bool(r.has_settings),
-            digest_interval_days=r.digest_interval_days,
-            notes_per_digest=r.notes_per_digest,
-            timezone=r.timezone,
-            preferred_send_hour=r.preferred_send_hour,
-            has_pro_subscription=bool(r.has_pro_subscription),
-        )
-        for r in result.all()
-    ]
+    return [_user_row(r) for r in result.all()]
 
 
 def load_user_batch(
@@ -599,18 +601,7 @@ def load_delivery_users(
         stmt = stmt.limit(limit)
     return [
         DeliveryUser(
-            UserRow(
-                id=r.id,
-                name=r.name,
-                email=r.email,
-                email_verified=bool(r.email_verified),
-                has_settings=bool(r.has_settings),
-                digest_interval_days=r.digest_interval_days,
-                notes_per_digest=r.notes_per_digest,
-                timezone=r.timezone,
-                preferred_send_hour=r.preferred_send_hour,
-                has_pro_subscription=bool(r.has_pro_subscription),
-            ),
+            _user_row(r),
             r.last_sent_at,
             r.marked_at,
         )
