@@ -328,6 +328,8 @@ def load_generation_facts(
     ``near_to``: ONE statement (a ``UNION ALL`` of the two reads). Users with neither are absent."""
     if not user_ids:
         return {}
+    if is_postgres(conn):
+        return _generation_facts_postgres(conn, user_ids, near_from, near_to)
     d = t.note_digests
     stamp = sa.func.coalesce(d.c.scheduled_for, d.c.created_at)
     near = sa.select(d.c.user_id, sa.literal(False).label("is_send"), stamp.label("at")).where(
@@ -353,6 +355,41 @@ def load_generation_facts(
             stamps.setdefault(user_id, []).append(at)
     return {
         uid: GenerationFacts(last.get(uid), tuple(stamps.get(uid, ()))) for uid in set(last) | set(stamps)
+    }
+
+
+# Per user of the page, through the (user_id, scheduled_for) index: their newest send and the day stamps
+# of their digests near the logical time. One index probe per user whatever the table's statistics;
+# the UNION ALL over ``user_id = ANY(...)`` made Postgres plan bitmap scans with parallel workers, which
+# on a busy 2-core machine cost 35-60 ms per 1,000-user page against ~10 ms this way.
+_GENERATION_FACTS = sa.text(
+    """
+SELECT u.id AS user_id,
+       (SELECT max(coalesce(d.sent_at, d.updated_at)) FROM note_digests AS d
+         WHERE d.user_id = u.id AND d.status = 'sent') AS last_sent_at,
+       ARRAY(SELECT coalesce(d.scheduled_for, d.created_at) FROM note_digests AS d
+              WHERE d.user_id = u.id
+                AND coalesce(d.scheduled_for, d.created_at) >= :near_from
+                AND coalesce(d.scheduled_for, d.created_at) < :near_to) AS near_stamps
+FROM unnest(:user_ids) AS u(id)
+"""
+).bindparams(
+    sa.bindparam("user_ids", type_=postgresql.ARRAY(sa.Text())),
+    sa.bindparam("near_from", type_=sa.DateTime(timezone=True)),
+    sa.bindparam("near_to", type_=sa.DateTime(timezone=True)),
+)
+
+
+def _generation_facts_postgres(
+    conn: sa.Connection, user_ids: Sequence[str], near_from: datetime, near_to: datetime
+) -> dict[str, GenerationFacts]:
+    rows = conn.execute(
+        _GENERATION_FACTS, {"user_ids": list(user_ids), "near_from": near_from, "near_to": near_to}
+    ).all()
+    return {
+        r.user_id: GenerationFacts(r.last_sent_at, tuple(r.near_stamps))
+        for r in rows
+        if r.last_sent_at is not None or r.near_stamps
     }
 
 
