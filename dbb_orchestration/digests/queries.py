@@ -130,6 +130,26 @@ def _user_row_columns(u: sa.Table, s: sa.Table) -> list[sa.ColumnElement[Any]]:
     ]
 
 
+SelectT = TypeVar("SelectT", bound=sa.Select[Any])
+
+
+def _in_keyset_range(
+    stmt: SelectT,
+    user_id: sa.ColumnElement[str],
+    after: str | None,
+    upto: str | None,
+    only_user_id: str | None,
+) -> SelectT:
+    """``stmt`` limited to users with ``after < user_id <= upto`` (``None`` = unbounded), or to one user."""
+    if after is not None:
+        stmt = stmt.where(user_id > after)
+    if upto is not None:
+        stmt = stmt.where(user_id <= upto)
+    if only_user_id is not None:
+        stmt = stmt.where(user_id == only_user_id)
+    return stmt
+
+
 def _user_batch_select(
     *,
     after: str | None,
@@ -145,12 +165,7 @@ def _user_batch_select(
         .order_by(u.c.id)
         .limit(limit)
     )
-    if after is not None:
-        stmt = stmt.where(u.c.id > after)
-    if upto is not None:
-        stmt = stmt.where(u.c.id <= upto)
-    if only_user_id is not None:
-        stmt = stmt.where(u.c.id == only_user_id)
+    stmt = _in_keyset_range(stmt, u.c.id, after, upto, only_user_id)
     if verified_only:
         stmt = stmt.where(sendable_sql(u))
     return stmt
@@ -619,12 +634,7 @@ def load_delivery_users(
     )
     if user_ids is not None:
         stmt = stmt.where(in_ids(conn, u.c.id, list(user_ids)))
-    if after is not None:
-        stmt = stmt.where(u.c.id > after)
-    if upto is not None:
-        stmt = stmt.where(u.c.id <= upto)
-    if only_user_id is not None:
-        stmt = stmt.where(u.c.id == only_user_id)
+    stmt = _in_keyset_range(stmt, u.c.id, after, upto, only_user_id)
     if limit is not None:
         stmt = stmt.limit(limit)
     return [
@@ -650,12 +660,7 @@ def load_marked_in_scope(
         .where(d.c.status.in_(PENDING_STATUSES), _marker_field("batch_key").is_not(None), sendable_sql(u))
         .order_by(d.c.id)
     )
-    if after is not None:
-        stmt = stmt.where(d.c.user_id > after)
-    if upto is not None:
-        stmt = stmt.where(d.c.user_id <= upto)
-    if only_user_id is not None:
-        stmt = stmt.where(d.c.user_id == only_user_id)
+    stmt = _in_keyset_range(stmt, d.c.user_id, after, upto, only_user_id)
     return [_digest(r) for r in conn.execute(stmt).all()]
 
 
